@@ -1,0 +1,92 @@
+"""MLflow writes of one trial: one run, params once, metrics in batches, tables as artifacts.
+
+Many trials write to one store at once. SQLite answers contention with "database is locked",
+so every write goes through ``retry`` (exponential backoff) instead of failing the trial.
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+T = TypeVar("T")
+RESULTS_ARTIFACT = "results.csv"
+CONFIG_ARTIFACT = "config.json"
+TRACEBACK_ARTIFACT = "traceback.txt"
+_TRANSIENT = ("database is locked", "database is busy", "disk i/o error", "unable to open database",
+              "connection refused", "connection reset", "timed out", "temporarily unavailable")
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a trial logs: store URI, experiment id and the sweep's name."""
+
+    uri: str
+    experiment_id: str
+    sweep: str
+
+
+def retry(fn: Callable[..., T], *args, attempts: int = 12, base_delay: float = 0.05, **kwargs) -> T:
+    """Call ``fn`` and retry transient store errors with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # mlflow wraps sqlalchemy errors in several exception types
+            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in _TRANSIENT):
+                raise
+            time.sleep(min(base_delay * 2 ** attempt, 5.0) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+class TrialRun:
+    """The MLflow run of one trial."""
+
+    def __init__(self, target: TrackingTarget, trial_id: str, name: str, settings: dict[str, Any],
+                 tags: dict[str, str]):
+        self.client = MlflowClient(target.uri)
+        all_tags = {"sweep": target.sweep, "trial_id": trial_id, "mlflow.runName": name, **tags}
+        run = retry(self.client.create_run, target.experiment_id, run_name=name,
+                    tags={k: str(v) for k, v in all_tags.items()})
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in settings.items()]
+        for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+            retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
+
+    def log_row(self, row: dict[str, Any], prefix: str = "") -> None:
+        """Log one results row's numeric values as metrics at ``step = level``."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(prefix + k, float(v), now, int(row["level"]))
+                   for k, v in row.items() if k != "level" and _number(v)]
+        retry(self.client.log_batch, self.run_id, metrics=metrics)
+
+    def _artifacts(self, rows: list[dict], config: dict, extra: dict[str, str]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            pd.DataFrame(rows).to_csv(Path(tmp) / RESULTS_ARTIFACT, index=False)
+            (Path(tmp) / CONFIG_ARTIFACT).write_text(json.dumps(config, indent=2, sort_keys=True))
+            for name, text in extra.items():
+                (Path(tmp) / name).write_text(text)
+            retry(self.client.log_artifacts, self.run_id, tmp)
+
+    def finish(self, rows: list[dict], config: dict) -> None:
+        """Store the results table and config, then mark the run FINISHED."""
+        self._artifacts(rows, config, {})
+        retry(self.client.set_terminated, self.run_id, "FINISHED")
+
+    def fail(self, rows: list[dict], config: dict, traceback_text: str) -> None:
+        """Store what finished plus the traceback, then mark the run FAILED."""
+        error = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else "unknown error"
+        retry(self.client.set_tag, self.run_id, "error", error[:5000])
+        self._artifacts(rows, config, {TRACEBACK_ARTIFACT: traceback_text})
+        retry(self.client.set_terminated, self.run_id, "FAILED")

@@ -1,0 +1,56 @@
+"""Training loop, optimizers and device choice for float models."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from jobs.config import TrainConfig
+
+OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                               weight_decay=cfg.weight_decay),
+    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+}
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` means the GPU when the node has one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling order depends only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.device,
+          on_epoch: Callable[[int, float], None] | None = None) -> float:
+    """Train ``cfg.epochs`` epochs with a fresh optimizer; return the wall time in seconds."""
+    # A fresh optimizer per level: momentum from the previous level must not leak into the
+    # rewound weights.
+    optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    model.to(device).train()
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        total, count = 0.0, 0
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(targets)
+            count += len(targets)
+        if on_epoch is not None:
+            on_epoch(epoch, total / max(count, 1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

@@ -1,0 +1,226 @@
+"""The ``sweep`` command: validate, plan, run, export and browse a sweep."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from runner.errors import SpecError
+
+EXIT_SPEC = 2
+
+
+def spec_errors(fn):
+    """Turn SpecError into one clear line on stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_SPEC)
+
+    return wrapper
+
+
+def _load(file: str, overrides=()):
+    from runner.spec import load_spec
+
+    return load_spec(file, list(overrides))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, soft_wrap=True)
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a setting (YAML value; a list makes it an axis). Repeatable.")
+uri_option = click.option("--tracking-uri", default=None,
+                          help="MLflow store (default: MLFLOW_TRACKING_URI, the file's tracking, ./mlflow.db).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Run pruning and quantization sweeps from one YAML file, locally or on SLURM."""
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@set_option
+@spec_errors
+def validate(file, overrides):
+    """Check a sweep file without running or logging anything."""
+    from runner.grid import expand
+
+    spec = _load(file, overrides)
+    size, trials = expand(spec)
+    click.echo(f"{file}: ok ({size} grid points, {len(trials)} unique trials)")
+
+
+def _plan_rows(spec, uri):
+    from runner.grid import expand
+    from runner.store import finished_trials
+
+    size, trials = expand(spec)
+    done = finished_trials(uri, spec.name)
+    rows = [{"trial_id": t.id, "name": t.name, **t.axes, "finished": t.id in done} for t in trials]
+    return size, trials, rows
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@set_option
+@uri_option
+@spec_errors
+def plan(file, fmt, overrides, tracking_uri):
+    """Show the grid: its size, the unique trials and which already finished."""
+    from runner.store import resolve_uri
+
+    spec = _load(file, overrides)
+    uri = resolve_uri(tracking_uri, spec.tracking)
+    size, trials, rows = _plan_rows(spec, uri)
+    if fmt == "json":
+        click.echo(json.dumps({"sweep": spec.name, "grid_size": size, "trials": rows}, indent=2))
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        click.echo(pd.DataFrame(rows).to_csv(index=False), nl=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {size} grid points, {len(trials)} unique trials, "
+                        f"{sum(r['finished'] for r in rows)} finished")
+    columns = list(rows[0]) if rows else ["trial_id", "name", "finished"]
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(("yes" if v else "no") if k == "finished" else str(v) for k, v in row.items()))
+    _console().print(table)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--executor", type=click.Choice(["debug", "local", "slurm"]), default=None,
+              help="Where trials run (default: the file's launcher.executor, else local).")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Trials at once (default: launcher.max_parallel, else 2).")
+@click.option("--dry-run", is_flag=True, help="Validate and list what would be submitted; run nothing.")
+@set_option
+@uri_option
+@spec_errors
+def run(file, executor, max_parallel, dry_run, overrides, tracking_uri):
+    """Run every trial of a sweep that has not finished yet."""
+    from runner.grid import expand
+    from runner.store import finished_trials, resolve_uri
+
+    spec = _load(file, overrides)
+    uri = resolve_uri(tracking_uri, spec.tracking)
+    executor = executor or spec.launcher.get("executor", "local")
+    max_parallel = max_parallel or spec.launcher.get("max_parallel", 2)
+    _, trials = expand(spec)
+    done = finished_trials(uri, spec.name)
+    todo = [t for t in trials if t.id not in done]
+    click.echo(f"{spec.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, "
+               f"{len(todo)} to run on '{executor}' (max {max_parallel} at once); store {uri}")
+    if dry_run:
+        for t in todo:
+            click.echo(f"  would run {t.id}  {t.name}")
+        return
+    if not todo:
+        click.echo("nothing to do")
+        return
+    from runner.launch import launch
+    from runner.store import prepare
+
+    target = prepare(uri, spec.name)
+    folder = Path(spec.launcher.get("folder", Path(".submitit") / spec.name))
+    summary = _run_with_progress(todo, target, executor, folder, max_parallel, spec.launcher)
+    summary.skipped = [t.id for t in trials if t.id in done]
+    click.echo(f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}")
+    names = {t.id: t.name for t in trials}
+    for tid, error in summary.failed.items():
+        click.echo(f"  FAILED {tid} {names[tid]}: {error}", err=True)
+    if not summary.ok:
+        sys.exit(1)
+
+
+def _run_with_progress(todo, target, executor, folder, max_parallel, options):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from runner.launch import launch
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
+                  console=_console(), transient=False) as bar:
+        task = bar.add_task("trials", total=len(todo), last="")
+
+        def progress(trial, status):
+            bar.update(task, advance=1, last=f"{status}: {trial.name}")
+
+        return launch(todo, target, executor, folder=folder, max_parallel=max_parallel, options=options,
+                      progress=progress)
+
+
+@main.command()
+@click.argument("sweeps", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .csv or .parquet.")
+@uri_option
+@spec_errors
+def export(sweeps, output, tracking_uri):
+    """Write one tidy row per trial × level × stage for sweep files or experiment names."""
+    import pandas as pd
+
+    from analysis.export import export as write
+    from analysis.export import runs_frame
+    from runner.store import resolve_uri
+
+    frames = []
+    for item in sweeps:
+        if Path(item).is_file():
+            spec = _load(item)
+            name, uri = spec.name, resolve_uri(tracking_uri, spec.tracking)
+        else:
+            name, uri = item, resolve_uri(tracking_uri)
+        try:
+            frames.append(runs_frame(uri, name))
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+    frame = pd.concat(frames, ignore_index=True)
+    path = write(frame, output)
+    click.echo(f"wrote {len(frame)} rows ({frame['trial_id'].nunique()} trials) to {path}")
+
+
+@main.command()
+@click.argument("sweep", required=False)
+@click.option("--port", type=int, default=5055, show_default=True)
+@uri_option
+@spec_errors
+def ui(sweep, port, tracking_uri):
+    """Serve the MLflow UI for the store on 127.0.0.1 and print the runs table's URL."""
+    from runner.store import find_experiment_id, resolve_uri
+    from runner.ui import serve
+
+    spec_uri, name = None, None
+    if sweep and Path(sweep).is_file():
+        spec = _load(sweep)
+        spec_uri, name = spec.tracking, spec.name
+    elif sweep:
+        name = sweep
+    uri = resolve_uri(tracking_uri, spec_uri)
+    exp_id = find_experiment_id(uri, name) if name else None
+    if name and exp_id is None:
+        raise click.ClickException(f"no experiment named '{name}' in {uri}")
+    serve(uri, port, exp_id, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

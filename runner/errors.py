@@ -1,0 +1,28 @@
+"""The one error type a malformed sweep raises: it knows the file, line and key path."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class SpecError(Exception):
+    """A sweep file (or a --set override) that cannot run, with where and what is allowed."""
+
+    def __init__(self, source: str, line: int | None, key: str | None, message: str):
+        self.source, self.line, self.key, self.message = source, line, key, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+def allowed(choices: Iterable[str], got: object) -> str:
+    """Describe the allowed values, with a 'did you mean' for a near miss."""
+    choices = sorted(str(c) for c in choices)
+    text = "allowed: " + ", ".join(choices)
+    close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.6)
+    if close:
+        text += f" (did you mean '{close[0]}'?)"
+    return text

@@ -1,0 +1,249 @@
+"""Load and validate a sweep file into a SweepSpec before anything runs or is logged."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from jobs.config import SETTINGS, SettingInfo, registry_names
+from runner.errors import SpecError, allowed
+from runner.yamlio import load_yaml, path_str
+
+TOP_KEYS = ("name", "description", "tracking", "grid", "fixed", "include", "exclude", "launcher")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One launcher option: its type, a check, and what it is for."""
+
+    type: type | tuple
+    doc: str
+    check: tuple | None = None
+    choices: Callable[[], list[str]] | None = None
+
+
+_pos = (lambda v: v >= 1, ">= 1")
+_nonneg = (lambda v: v >= 0, ">= 0")
+
+LAUNCHER_OPTIONS: dict[str, Option] = {
+    "executor": Option(str, "where trials run", choices=registry_names("runner.launch", "EXECUTORS")),
+    "max_parallel": Option(int, "trials running at once (local) / array parallelism (slurm)", _pos),
+    "folder": Option(str, "submitit folder for job logs and pickles (shared filesystem on clusters)"),
+    "timeout_min": Option(int, "time limit of one trial in minutes", _pos),
+    "slurm": Option(dict, "SLURM options, see below"),
+}
+
+SLURM_OPTIONS: dict[str, Option] = {
+    "partition": Option(str, "partition (-p)"),
+    "account": Option(str, "account (-A)"),
+    "qos": Option(str, "quality of service (--qos)"),
+    "nodes": Option(int, "nodes per trial", _pos),
+    "cpus_per_task": Option(int, "CPUs per trial", _pos),
+    "gpus_per_node": Option(int, "GPUs per trial", _nonneg),
+    "mem_gb": Option((int, float), "memory per trial in GB", (lambda v: v > 0, "> 0")),
+    "constraint": Option(str, "node features (--constraint)"),
+    "exclude": Option(str, "nodes to avoid (--exclude)"),
+    "setup": Option(list, "shell lines run before the trial (module load, venv activate)"),
+    "additional_parameters": Option(dict, "extra #SBATCH options as key: value"),
+}
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep file."""
+
+    source: str
+    name: str
+    description: str
+    tracking: str | None
+    axes: dict[str, list]
+    fixed: dict[str, Any]
+    include: list[dict[str, list]]
+    exclude: list[dict[str, list]]
+    launcher: dict[str, Any]
+    lines: dict[str, int] = field(default_factory=dict, repr=False)
+
+
+def _type_name(t) -> str:
+    names = {str: "text", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+             dict: "a mapping"}
+    if isinstance(t, tuple):
+        return " or ".join(names[x] for x in t)
+    return names[t]
+
+
+def coerce(info: SettingInfo, value: Any, err) -> Any:
+    """Check one setting value against its type, choices and range; return it normalised."""
+    t = info.type
+    ok = (isinstance(value, bool) if t is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+          isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, t))
+    if not ok:
+        raise err(f"expected {_type_name(t)}, got {value!r}")
+    if t is float:
+        value = float(value)
+    if info.choices is not None and value not in info.choices():
+        raise err(f"unknown {info.doc} '{value}'; {allowed(info.choices(), value)}")
+    if info.check is not None and not info.check[0](value):
+        raise err(f"{value!r} is not allowed; must be {info.check[1]}")
+    return value
+
+
+class _Checker:
+    """Validates one raw sweep mapping, remembering lines for error messages."""
+
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source, self.lines = source, lines
+
+    def error(self, path: tuple, message: str) -> SpecError:
+        key = path_str(path)
+        line = self.lines.get(key)
+        probe = path
+        while line is None and probe:
+            probe = probe[:-1]
+            line = self.lines.get(path_str(probe))
+        return SpecError(self.source, line, key or None, message)
+
+    def mapping(self, value, path: tuple) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+
+    def known(self, mapping: dict, allowed_keys, path: tuple, what: str) -> None:
+        for key in mapping:
+            if key not in allowed_keys:
+                raise self.error(path + (key,), f"unknown {what} '{key}'; {allowed(allowed_keys, key)}")
+
+    def flatten(self, mapping: dict, path: tuple, prefix: str = "") -> dict[str, tuple[Any, tuple]]:
+        """Flatten nested setting mappings into dotted keys, keeping each value's path."""
+        out = {}
+        for key, value in mapping.items():
+            flat = f"{prefix}{key}"
+            if isinstance(value, dict) and flat not in SETTINGS:
+                out.update(self.flatten(value, path + (key,), flat + "."))
+                continue
+            if flat not in SETTINGS:
+                raise self.error(path + (key,), f"unknown setting '{flat}'; {allowed(SETTINGS, flat)}")
+            out[flat] = (value, path + (key,))
+        return out
+
+    def setting(self, key: str, value, path: tuple):
+        return coerce(SETTINGS[key], value, lambda msg: self.error(path, msg))
+
+    def values(self, key: str, value, path: tuple, *, scalar_ok: bool) -> list:
+        if not isinstance(value, list):
+            if not scalar_ok:
+                raise self.error(path, f"an axis needs a list of values, got {value!r}")
+            value = [value]
+        elif not value:
+            raise self.error(path, "empty list of values; give at least one")
+        return [self.setting(key, v, path + (i,)) for i, v in enumerate(value)]
+
+    def options(self, mapping: dict, schema: dict[str, Option], path: tuple, what: str) -> dict:
+        self.known(mapping, schema, path, what)
+        for key, value in mapping.items():
+            opt, p = schema[key], path + (key,)
+            types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise self.error(p, f"expected {_type_name(opt.type)}, got {value!r}")
+            if opt.choices and value not in opt.choices():
+                raise self.error(p, f"unknown {opt.doc} '{value}'; {allowed(opt.choices(), value)}")
+            if opt.check and not opt.check[0](value):
+                raise self.error(p, f"{value!r} is not allowed; must be {opt.check[1]}")
+        return mapping
+
+
+def _rules(chk: _Checker, raw, name: str) -> list[dict[str, list]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise chk.error((name,), f"expected a list of rules (mappings of setting: value or [values]), got {raw!r}")
+    rules = []
+    for i, rule in enumerate(raw):
+        flat = chk.flatten(chk.mapping(rule, (name, i)), (name, i))
+        if not flat:
+            raise chk.error((name, i), "empty rule; give at least one setting")
+        rules.append({k: chk.values(k, v, p, scalar_ok=True) for k, (v, p) in flat.items()})
+    return rules
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``--set key=value`` strings (values are YAML) into pairs."""
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError("--set", None, item, "expected key=value")
+        try:
+            out.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            raise SpecError("--set", None, key, f"value is not valid YAML: {exc}") from None
+    return out
+
+
+def validate(raw: Any, source: str, lines: dict[str, int], overrides: list[str] = ()) -> SweepSpec:
+    """Validate a parsed sweep mapping (plus --set overrides) into a SweepSpec."""
+    chk = _Checker(source, lines)
+    if not isinstance(raw, dict):
+        raise SpecError(source, 1, None, f"a sweep file must be a mapping with keys {', '.join(TOP_KEYS)}; "
+                        f"got {type(raw).__name__}")
+    chk.known(raw, TOP_KEYS, (), "key")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise chk.error(("name",), "required: a non-empty name (the MLflow experiment)")
+    for key in ("description", "tracking"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise chk.error((key,), f"expected text, got {raw[key]!r}")
+
+    grid = chk.flatten(chk.mapping(raw.get("grid") or {}, ("grid",)), ("grid",))
+    fixed = chk.flatten(chk.mapping(raw.get("fixed") or {}, ("fixed",)), ("fixed",))
+    axes = {k: chk.values(k, v, p, scalar_ok=False) for k, (v, p) in grid.items()}
+    fixed_values = {}
+    for key, (value, path) in fixed.items():
+        if key in axes:
+            raise chk.error(path, f"'{key}' is both an axis (grid, line {lines.get(path_str(grid[key][1]))}) "
+                                  "and fixed; keep it in one place")
+        if isinstance(value, list):
+            raise chk.error(path, f"fixed settings take one value, got a list; move '{key}' to grid to make it an axis")
+        fixed_values[key] = chk.setting(key, value, path)
+
+    for key, value in parse_overrides(list(overrides)):
+        err = lambda msg, key=key: SpecError("--set", None, key, msg)  # noqa: E731
+        if key not in SETTINGS:
+            raise err(f"unknown setting; {allowed(SETTINGS, key)}")
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise err("empty list of values; give at least one")
+        checked = [coerce(SETTINGS[key], v, err) for v in values]
+        if key in axes or isinstance(value, list):
+            axes[key] = checked
+            fixed_values.pop(key, None)
+        else:
+            fixed_values[key] = checked[0]
+
+    launcher = chk.options(chk.mapping(raw.get("launcher") or {}, ("launcher",)), LAUNCHER_OPTIONS,
+                           ("launcher",), "launcher option")
+    if "slurm" in launcher:
+        chk.options(launcher["slurm"], SLURM_OPTIONS, ("launcher", "slurm"), "slurm option")
+        setup = launcher["slurm"].get("setup", [])
+        if not all(isinstance(line, str) for line in setup):
+            raise chk.error(("launcher", "slurm", "setup"), "expected a list of shell lines (text)")
+
+    return SweepSpec(source=source, name=name.strip(), description=raw.get("description") or "",
+                     tracking=raw.get("tracking"), axes=axes, fixed=fixed_values,
+                     include=_rules(chk, raw.get("include"), "include"),
+                     exclude=_rules(chk, raw.get("exclude"), "exclude"), launcher=launcher, lines=lines)
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> SweepSpec:
+    """Read, parse and validate a sweep file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(source, None, None, f"cannot read the sweep file: {exc.strerror}") from None
+    raw, lines = load_yaml(text, source)
+    return validate(raw, source, lines, overrides)

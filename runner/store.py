@@ -1,0 +1,94 @@
+"""The tracking store seen from the submitting side: which URI, the experiment, finished trials."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from jobs.tracking import TrackingTarget, retry
+
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
+    """Pick the store: --tracking-uri, then MLFLOW_TRACKING_URI, then the sweep file, then ./mlflow.db.
+
+    Relative SQLite paths become absolute so that jobs started elsewhere find the same file.
+    """
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database, not in whatever directory we run from."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides where artifacts go
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / slug).as_uri()
+
+
+def prepare(uri: str, sweep: str) -> TrackingTarget:
+    """Create (or migrate) the store and the sweep's experiment, once, before any job starts.
+
+    Parallel processes creating a new SQLite store at once corrupt it for good, so this
+    must run in the submitting process.
+    """
+    client = _client(uri)
+    retry(client.search_experiments, max_results=1)
+    exp = retry(client.get_experiment_by_name, sweep)
+    if exp is None:
+        try:
+            exp_id = retry(client.create_experiment, sweep, artifact_location=_artifact_location(uri, sweep))
+        except Exception:
+            # Another submitter may have created it in between.
+            exp = retry(client.get_experiment_by_name, sweep)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        if exp.lifecycle_stage == "deleted":
+            retry(client.restore_experiment, exp.experiment_id)
+        exp_id = exp.experiment_id
+    return TrackingTarget(uri=uri, experiment_id=exp_id, sweep=sweep)
+
+
+def find_experiment_id(uri: str, sweep: str) -> str | None:
+    """The id of the sweep's experiment, or None if it was never run."""
+    exp = retry(_client(uri).get_experiment_by_name, sweep)
+    return None if exp is None else exp.experiment_id
+
+
+def trial_runs(uri: str, experiment_id: str) -> dict[str, Any]:
+    """Per trial id, its most relevant MLflow run: a FINISHED one if any, else the latest."""
+    client = _client(uri)
+    best: dict[str, Any] = {}
+    token = None
+    while True:
+        page = retry(client.search_runs, [experiment_id], max_results=5000, page_token=token,
+                     order_by=["attributes.start_time ASC"])
+        for run in page:
+            tid = run.data.tags.get("trial_id")
+            if tid and (tid not in best or best[tid].info.status != "FINISHED"):
+                best[tid] = run
+        token = page.token
+        if not token:
+            return best
+
+
+def finished_trials(uri: str, sweep: str) -> set[str]:
+    """Trial ids of the sweep that already finished in the store (without creating anything)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return set()
+    exp_id = find_experiment_id(uri, sweep)
+    if exp_id is None:
+        return set()
+    return {tid for tid, run in trial_runs(uri, exp_id).items() if run.info.status == "FINISHED"}
