@@ -73,7 +73,8 @@ class TrialRun:
 
     def _artifacts(self, rows: list[dict], config: dict, extra: dict[str, str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            pd.DataFrame(rows).to_csv(Path(tmp) / RESULTS_ARTIFACT, index=False)
+            if rows:  # a trial that failed before its first level has no table
+                pd.DataFrame(rows).to_csv(Path(tmp) / RESULTS_ARTIFACT, index=False)
             (Path(tmp) / CONFIG_ARTIFACT).write_text(json.dumps(config, indent=2, sort_keys=True))
             for name, text in extra.items():
                 (Path(tmp) / name).write_text(text)

@@ -11,13 +11,14 @@ import os
 import random
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from jobs.config import TrialConfig, from_flat
-from jobs.data import load_dataset
+from jobs.data import DataBundle, load_dataset
 from jobs.measure import dense_flops, evaluate, latency_ms_per_sample, serialized_size, sparsity
 from jobs.models import build_model
 from jobs.pruning import REWINDS, level_amount, prune_level
@@ -47,16 +48,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Run the trial's levels and quant stage; call ``on_row`` with each results row as it lands."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset)
-    train_loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
-    test_loader = make_loader(data.test, EVAL_BATCH, shuffle=False)
+def pruning_levels(cfg: TrialConfig, data: DataBundle, device: torch.device
+                   ) -> Iterator[tuple[int, nn.Module, float]]:
+    """Train dense (level 0), then prune, rewind and retrain per level; yield (level, model, seconds)."""
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     init_state = copy.deepcopy(model.state_dict())
-    flops = dense_flops(model, data.input_shape)
 
     def fresh_state(level: int) -> dict:
         # A new draw per level, reproducible from the trial seed.
@@ -65,18 +61,31 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None)
 
     levels = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
     amount = level_amount(cfg.prune.ratio, levels) if levels else 0.0
-    rows: list[dict] = []
+    loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
     model.to(device)
     for level in range(levels + 1):
         if level > 0:
             prune_level(model, cfg.prune.method, amount)
             REWINDS[cfg.prune.rewind](model, init_state, lambda: fresh_state(level))
-        # Each level's data order differs but is fixed by the seed.
-        train_loader.generator.manual_seed(cfg.seed * 1000 + level)
-        seconds = train(model, train_loader, cfg.train, device)
+        # Each level sees its own data order, fixed by the seed.
+        loader.generator.manual_seed(cfg.seed * 1000 + level)
+        yield level, model, train(model, loader, cfg.train, device)
+
+
+def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Run the trial's levels and quant stage; call ``on_row`` with each results row as it lands."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset)
+    test_loader = make_loader(data.test, EVAL_BATCH, shuffle=False)
+    flops = None
+    last = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
+    rows: list[dict] = []
+    for level, model, seconds in pruning_levels(cfg, data, device):
+        flops = flops or dense_flops(model, data.input_shape)
         row = {"level": level, "stage": "float", **evaluate(model, test_loader, device),
                **sparsity(model), "flops": flops, "train_time_s": seconds, "size_bytes": serialized_size(model)}
-        if level == levels:
+        if level == last:
             model.to("cpu")
             row["latency_ms"] = latency_ms_per_sample(model, data.input_shape)
         rows.append(row)
@@ -84,8 +93,9 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None)
 
     if cfg.quant.mode != "none":
         calibration = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
-        qmodel = quantize(model.to("cpu"), cfg.quant, calibration)
-        row = {"level": levels, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, torch.device("cpu")),
+        qmodel = quantize(model, cfg.quant, calibration)
+        cpu = torch.device("cpu")
+        row = {"level": last, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, cpu),
                "flops": flops, "size_bytes": serialized_size(qmodel),
                "latency_ms": latency_ms_per_sample(qmodel, data.input_shape)}
         rows.append(row)

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
+
+
+def _one_line(text: object) -> str:
+    """Join a message that spans lines (YAML and OS errors may) into one line."""
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
 
 
 class SpecError(Exception):
     """A sweep file (or a --set override) that cannot run, with where and what is allowed."""
 
     def __init__(self, source: str, line: int | None, key: str | None, message: str):
-        self.source, self.line, self.key, self.message = source, line, key, message
+        self.source, self.line = source, line
+        self.key = _one_line(key) if key else key
+        self.message = _one_line(message)
         super().__init__(str(self))
 
     def __str__(self) -> str:

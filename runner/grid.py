@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from jobs.config import TrialConfig, from_flat, to_flat, trial_id
+from runner.errors import SpecError
 from runner.spec import SweepSpec
 
 # Values a setting takes when it cannot matter, so that equivalent points become one trial.
@@ -49,12 +50,22 @@ def _matches(point: dict[str, Any], rule: dict[str, list]) -> bool:
 
 
 def points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """The raw grid: product of the axes, plus include sub-grids, minus exclude matches."""
+    """The raw grid: product of the axes, plus include sub-grids, minus exclude matches.
+
+    Exclude rules match resolved settings (defaults included); a rule that matches no point
+    is almost always a typo, so it is an error.
+    """
     pts = list(_product(spec.axes))
     for rule in spec.include:
         pts.extend(_product({**spec.axes, **rule}))
     full = [{**spec.fixed, **p} for p in pts]
-    return [p for p in full if not any(_matches(p, rule) for rule in spec.exclude)]
+    resolved = [to_flat(from_flat(p)) for p in full]
+    for i, rule in enumerate(spec.exclude):
+        if not any(_matches(r, rule) for r in resolved):
+            line = spec.lines.get(("exclude", i))
+            raise SpecError(spec.source, line, f"exclude[{i}]",
+                            f"this rule matches no grid point ({rule}); check its values against the grid")
+    return [p for p, r in zip(full, resolved) if not any(_matches(r, rule) for rule in spec.exclude)]
 
 
 def readable_name(flat: dict[str, Any], extra_axes: list[str]) -> str:

@@ -10,7 +10,7 @@ import yaml
 
 from jobs.config import SETTINGS, SettingInfo, registry_names
 from runner.errors import SpecError, allowed
-from runner.yamlio import load_yaml, path_str
+from runner.yamlio import load_yaml, parse_value, path_str, yaml_problem
 
 TOP_KEYS = ("name", "description", "tracking", "grid", "fixed", "include", "exclude", "launcher")
 
@@ -64,7 +64,7 @@ class SweepSpec:
     include: list[dict[str, list]]
     exclude: list[dict[str, list]]
     launcher: dict[str, Any]
-    lines: dict[str, int] = field(default_factory=dict, repr=False)
+    lines: dict[tuple, int] = field(default_factory=dict, repr=False)
 
 
 def _type_name(t) -> str:
@@ -75,6 +75,20 @@ def _type_name(t) -> str:
     return names[t]
 
 
+def _group(prefix: str) -> list[str]:
+    """The settings under a section prefix (``train`` -> batch_size, epochs, ...); empty if none."""
+    return sorted(k[len(prefix) + 1:] for k in SETTINGS if k.startswith(prefix + "."))
+
+
+def unknown_setting(key: str) -> str:
+    """Why ``key`` is not a setting, and what is allowed."""
+    group = _group(key)
+    if group:
+        return (f"'{key}' is a group of settings, not one; set them as {key}.<name>; "
+                f"allowed names: {', '.join(group)}")
+    return f"unknown setting '{key}'; {allowed(SETTINGS, key)}"
+
+
 def coerce(info: SettingInfo, value: Any, err) -> Any:
     """Check one setting value against its type, choices and range; return it normalised."""
     t = info.type
@@ -82,11 +96,14 @@ def coerce(info: SettingInfo, value: Any, err) -> Any:
           isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
           isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, t))
     if not ok:
-        raise err(f"expected {_type_name(t)}, got {value!r}")
+        hint = ""
+        if isinstance(value, dict) and _group(info.key):
+            hint = f"; its options are separate keys: {', '.join(info.key + '.' + g for g in _group(info.key))}"
+        raise err(f"expected {_type_name(t)}, got {value!r}{hint}")
     if t is float:
         value = float(value)
     if info.choices is not None and value not in info.choices():
-        raise err(f"unknown {info.doc} '{value}'; {allowed(info.choices(), value)}")
+        raise err(f"unknown value '{value}'; {allowed(info.choices(), value)}")
     if info.check is not None and not info.check[0](value):
         raise err(f"{value!r} is not allowed; must be {info.check[1]}")
     return value
@@ -95,17 +112,15 @@ def coerce(info: SettingInfo, value: Any, err) -> Any:
 class _Checker:
     """Validates one raw sweep mapping, remembering lines for error messages."""
 
-    def __init__(self, source: str, lines: dict[str, int]):
+    def __init__(self, source: str, lines: dict[tuple, int]):
         self.source, self.lines = source, lines
 
     def error(self, path: tuple, message: str) -> SpecError:
-        key = path_str(path)
-        line = self.lines.get(key)
-        probe = path
+        line, probe = self.lines.get(path), path
         while line is None and probe:
             probe = probe[:-1]
-            line = self.lines.get(path_str(probe))
-        return SpecError(self.source, line, key or None, message)
+            line = self.lines.get(probe)
+        return SpecError(self.source, line, path_str(path) or None, message)
 
     def mapping(self, value, path: tuple) -> dict:
         if not isinstance(value, dict):
@@ -117,17 +132,28 @@ class _Checker:
             if key not in allowed_keys:
                 raise self.error(path + (key,), f"unknown {what} '{key}'; {allowed(allowed_keys, key)}")
 
-    def flatten(self, mapping: dict, path: tuple, prefix: str = "") -> dict[str, tuple[Any, tuple]]:
-        """Flatten nested setting mappings into dotted keys, keeping each value's path."""
-        out = {}
+    def flatten(self, mapping: dict, path: tuple, prefix: str = "",
+                out: dict | None = None) -> dict[str, tuple[Any, tuple]]:
+        """Flatten nested setting mappings into dotted keys, keeping each value's path.
+
+        ``train: {epochs: 3}`` and ``train.epochs: 3`` are the same setting; giving both is a duplicate.
+        """
+        out = {} if out is None else out
         for key, value in mapping.items():
-            flat = f"{prefix}{key}"
+            flat, p = f"{prefix}{key}", path + (key,)
             if isinstance(value, dict) and flat not in SETTINGS:
-                out.update(self.flatten(value, path + (key,), flat + "."))
+                self.flatten(value, p, flat + ".", out)
                 continue
             if flat not in SETTINGS:
-                raise self.error(path + (key,), f"unknown setting '{flat}'; {allowed(SETTINGS, flat)}")
-            out[flat] = (value, path + (key,))
+                if _group(flat):
+                    raise self.error(p, f"expected a mapping of {flat} settings, got {value!r}; "
+                                        f"allowed names: {', '.join(_group(flat))}")
+                raise self.error(p, unknown_setting(flat))
+            if flat in out:
+                first = out[flat][1]
+                where = f" (first given on line {self.lines[first]})" if first in self.lines else ""
+                raise self.error(p, f"duplicate setting '{flat}'{where}; give it once, nested or dotted")
+            out[flat] = (value, p)
         return out
 
     def setting(self, key: str, value, path: tuple):
@@ -150,7 +176,7 @@ class _Checker:
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
                 raise self.error(p, f"expected {_type_name(opt.type)}, got {value!r}")
             if opt.choices and value not in opt.choices():
-                raise self.error(p, f"unknown {opt.doc} '{value}'; {allowed(opt.choices(), value)}")
+                raise self.error(p, f"unknown value '{value}'; {allowed(opt.choices(), value)}")
             if opt.check and not opt.check[0](value):
                 raise self.error(p, f"{value!r} is not allowed; must be {opt.check[1]}")
         return mapping
@@ -178,20 +204,23 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise SpecError("--set", None, item, "expected key=value")
         try:
-            out.append((key.strip(), yaml.safe_load(text)))
+            out.append((key.strip(), parse_value(text)))
         except yaml.YAMLError as exc:
-            raise SpecError("--set", None, key, f"value is not valid YAML: {exc}") from None
+            raise SpecError("--set", None, key.strip(), f"value is not valid YAML: {yaml_problem(exc)[1]}") from None
     return out
 
 
-def validate(raw: Any, source: str, lines: dict[str, int], overrides: list[str] = ()) -> SweepSpec:
+def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str] = ()) -> SweepSpec:
     """Validate a parsed sweep mapping (plus --set overrides) into a SweepSpec."""
     chk = _Checker(source, lines)
     if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"{type(raw).__name__} {raw!r}"
         raise SpecError(source, 1, None, f"a sweep file must be a mapping with keys {', '.join(TOP_KEYS)}; "
-                        f"got {type(raw).__name__}")
+                        f"got {got}")
     chk.known(raw, TOP_KEYS, (), "key")
     name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise chk.error(("name",), f"expected text (the MLflow experiment), got {name!r}")
     if not isinstance(name, str) or not name.strip():
         raise chk.error(("name",), "required: a non-empty name (the MLflow experiment)")
     for key in ("description", "tracking"):
@@ -204,8 +233,8 @@ def validate(raw: Any, source: str, lines: dict[str, int], overrides: list[str] 
     fixed_values = {}
     for key, (value, path) in fixed.items():
         if key in axes:
-            raise chk.error(path, f"'{key}' is both an axis (grid, line {lines.get(path_str(grid[key][1]))}) "
-                                  "and fixed; keep it in one place")
+            where = f"grid, line {lines[grid[key][1]]}" if grid[key][1] in lines else "grid"
+            raise chk.error(path, f"'{key}' is both an axis ({where}) and fixed; keep it in one place")
         if isinstance(value, list):
             raise chk.error(path, f"fixed settings take one value, got a list; move '{key}' to grid to make it an axis")
         fixed_values[key] = chk.setting(key, value, path)
@@ -213,7 +242,7 @@ def validate(raw: Any, source: str, lines: dict[str, int], overrides: list[str] 
     for key, value in parse_overrides(list(overrides)):
         err = lambda msg, key=key: SpecError("--set", None, key, msg)  # noqa: E731
         if key not in SETTINGS:
-            raise err(f"unknown setting; {allowed(SETTINGS, key)}")
+            raise err(unknown_setting(key))
         values = value if isinstance(value, list) else [value]
         if not values:
             raise err("empty list of values; give at least one")
@@ -242,8 +271,14 @@ def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> SweepSpec:
     """Read, parse and validate a sweep file."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise SpecError(source, None, None, f"cannot read the sweep file: {exc.strerror}") from None
+        raise SpecError(source, None, None, f"cannot read the sweep file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecError(source, line, None, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                                            f"{exc.start}); save the file as UTF-8") from None
     raw, lines = load_yaml(text, source)
     return validate(raw, source, lines, overrides)
