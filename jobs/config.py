@@ -102,7 +102,7 @@ class TrialConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     seed: int = _setting(0, "random seed (model init, data order)", check=_non_negative)
-    device: str = _setting("auto", "float training device: auto (GPU if present), cpu, cuda, cuda:N",
+    device: str = _setting("auto", "device for float training and evaluation (int8 models always run on the CPU)",
                            check=(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
                                   "auto, cpu, cuda or cuda:N"))
 

@@ -107,7 +107,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    tags = {**job.tags}
+    tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto")))}
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
     run = TrialRun(job.target, job.trial_id, job.name, job.settings, tags)

@@ -222,5 +222,24 @@ def ui(sweep, port, tracking_uri):
     serve(uri, port, exp_id, echo=click.echo)
 
 
+def settings_table() -> str:
+    """Markdown reference of every setting: key, type, default, what is allowed."""
+    from jobs.config import SETTINGS
+
+    lines = ["| key | type | default | meaning and allowed values |", "|---|---|---|---|"]
+    for key, info in SETTINGS.items():
+        allowed_values = f"; one of: {', '.join(info.choices())}" if info.choices else ""
+        bound = f"; {info.check[1]}" if info.check else ""
+        default = str(info.default).lower() if info.type is bool else info.default
+        lines.append(f"| `{key}` | {info.type.__name__} | `{default}` | {info.doc}{allowed_values}{bound} |")
+    return "\n".join(lines)
+
+
+@main.command()
+def settings():
+    """Print every setting a sweep file can fix or sweep over (Markdown table)."""
+    click.echo(settings_table())
+
+
 if __name__ == "__main__":
     main()
