@@ -54,9 +54,20 @@ class TrialRun:
     """The MLflow run of one trial."""
 
     def __init__(self, target: TrackingTarget, trial_id: str, name: str, settings: dict[str, Any],
-                 tags: dict[str, str]):
+                 tags: dict[str, str], resume_run_id: str | None = None):
         self.client = MlflowClient(target.uri)
         all_tags = {"sweep": target.sweep, "trial_id": trial_id, "mlflow.runName": name, **tags}
+        self.logged: set[tuple[str, int]] = set()
+        if resume_run_id is not None:
+            # A requeued or re-run trial continues its run; steps it already logged are not
+            # logged again (it may have died between logging a level and checkpointing it).
+            self.run_id = resume_run_id
+            retry(self.client.update_run, self.run_id, status="RUNNING")
+            for key in ("accuracy", "quant.accuracy"):
+                self.logged |= {(key, m.step) for m in retry(self.client.get_metric_history, self.run_id, key)}
+            retry(self.client.log_batch, self.run_id,
+                  tags=[RunTag(k, str(v)) for k, v in tags.items()] + [RunTag("resumed", "true")])
+            return
         run = retry(self.client.create_run, target.experiment_id, run_name=name,
                     tags={k: str(v) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
@@ -65,11 +76,16 @@ class TrialRun:
             retry(self.client.log_batch, self.run_id, params=params[i:i + 100])
 
     def log_row(self, row: dict[str, Any], prefix: str = "") -> None:
-        """Log one results row's numeric values as metrics at ``step = level``."""
+        """Log one results row's numeric values as metrics at ``step = level``, once."""
+        step = int(row["level"])
+        if (prefix + "accuracy", step) in self.logged:
+            return
         now = int(time.time() * 1000)
-        metrics = [Metric(prefix + k, float(v), now, int(row["level"]))
+        metrics = [Metric(prefix + k, float(v), now, step)
                    for k, v in row.items() if k != "level" and _number(v)]
-        retry(self.client.log_batch, self.run_id, metrics=metrics)
+        tags = [RunTag("last_level", str(step))] if not prefix else []
+        retry(self.client.log_batch, self.run_id, metrics=metrics, tags=tags)
+        self.logged.add((prefix + "accuracy", step))
 
     def _artifacts(self, rows: list[dict], config: dict, extra: dict[str, str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:

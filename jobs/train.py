@@ -30,16 +30,28 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.device,
-          on_epoch: Callable[[int, float], None] | None = None) -> float:
-    """Train ``cfg.epochs`` epochs with a fresh optimizer; return the wall time in seconds."""
+def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.device, *,
+          start_epoch: int = 0, optimizer_state: dict | None = None,
+          epoch_seed: Callable[[int], int] | None = None,
+          on_epoch: Callable[[int, float, torch.optim.Optimizer, float], None] | None = None,
+          elapsed: float = 0.0) -> float:
+    """Train epochs ``start_epoch..cfg.epochs-1``; return the training time in seconds (incl. ``elapsed``).
+
+    ``epoch_seed(epoch)`` fixes each epoch's data order, so a run resumed at an epoch boundary
+    sees the same batches as an uninterrupted one. ``on_epoch(epoch, mean_loss, optimizer,
+    seconds)`` runs after every epoch (checkpointing).
+    """
     # A fresh optimizer per level: momentum from the previous level must not leak into the
     # rewound weights.
     optimizer = OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     loss_fn = nn.CrossEntropyLoss()
     model.to(device).train()
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
+        if epoch_seed is not None:
+            loader.generator.manual_seed(epoch_seed(epoch))
         total, count = 0.0, 0
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
@@ -49,8 +61,9 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.
             optimizer.step()
             total += loss.item() * len(targets)
             count += len(targets)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
         if on_epoch is not None:
-            on_epoch(epoch, total / max(count, 1))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+            on_epoch(epoch, total / max(count, 1), optimizer, elapsed)
+    return elapsed

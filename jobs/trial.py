@@ -1,26 +1,31 @@
 """One trial: train dense, prune level by level with rewinding and retraining, quantize, measure.
 
-``run_trial`` is what every executor runs (in process, as a local process or a SLURM task).
+``TrialTask`` is what every executor runs (in process, as a local process or a SLURM task).
 It never raises for a failing trial: the failure is recorded in MLflow and returned, so that
-the launcher and the other trials go on.
+the launcher and the other trials go on. With a checkpoint directory, the trial saves its
+state after every epoch and level; a requeued or re-run trial resumes there, in the same
+MLflow run, and its numbers equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import random
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
+import submitit
 import torch
-from torch import nn
+from torch.nn.utils import prune
 
+from jobs.checkpoint import Checkpoint, rng_state, set_rng_state
 from jobs.config import TrialConfig, from_flat
-from jobs.data import DataBundle, load_dataset
+from jobs.data import load_dataset
 from jobs.measure import dense_flops, evaluate, latency_ms_per_sample, serialized_size, sparsity
-from jobs.models import build_model
+from jobs.models import build_model, prunable_parameters
 from jobs.pruning import REWINDS, level_amount, prune_level
 from jobs.quantization import quantize
 from jobs.tracking import TrackingTarget, TrialRun
@@ -39,6 +44,12 @@ class TrialJob:
     target: TrackingTarget
     tags: dict[str, str] = field(default_factory=dict)
     threads: int | None = None
+    checkpoint_dir: str | None = None
+
+
+def derive_seed(*parts: Any) -> int:
+    """A seed that depends only on ``parts`` (trial seed, purpose, level, epoch)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
 
 
 def seed_everything(seed: int) -> None:
@@ -48,54 +59,76 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pruning_levels(cfg: TrialConfig, data: DataBundle, device: torch.device
-                   ) -> Iterator[tuple[int, nn.Module, float]]:
-    """Train dense (level 0), then prune, rewind and retrain per level; yield (level, model, seconds)."""
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    init_state = copy.deepcopy(model.state_dict())
-
-    def fresh_state(level: int) -> dict:
-        # A new draw per level, reproducible from the trial seed.
-        torch.manual_seed(cfg.seed * 1000 + level)
-        return build_model(cfg.model, data.input_shape, data.num_classes).state_dict()
-
-    levels = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
-    amount = level_amount(cfg.prune.ratio, levels) if levels else 0.0
-    loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
-    model.to(device)
-    for level in range(levels + 1):
-        if level > 0:
-            prune_level(model, cfg.prune.method, amount)
-            REWINDS[cfg.prune.rewind](model, init_state, lambda: fresh_state(level))
-        # Each level sees its own data order, fixed by the seed.
-        loader.generator.manual_seed(cfg.seed * 1000 + level)
-        yield level, model, train(model, loader, cfg.train, device)
+def _add_empty_masks(model: torch.nn.Module) -> None:
+    """Give every prunable layer a mask so that a pruned state dict loads into a fresh model."""
+    for module, name in prunable_parameters(model):
+        prune.identity(module, name)
 
 
-def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
-    """Run the trial's levels and quant stage; call ``on_row`` with each results row as it lands."""
+def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
+            checkpoint: Checkpoint | None = None, meta: dict[str, Any] | None = None) -> list[dict]:
+    """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands."""
+    state = checkpoint.load() if checkpoint else None
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset)
     test_loader = make_loader(data.test, EVAL_BATCH, shuffle=False)
-    flops = None
-    last = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
-    rows: list[dict] = []
-    for level, model, seconds in pruning_levels(cfg, data, device):
-        flops = flops or dense_flops(model, data.input_shape)
+    loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    init_state = copy.deepcopy(model.state_dict())
+    flops = dense_flops(model, data.input_shape)
+    levels = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
+    amount = level_amount(cfg.prune.ratio, levels) if levels else 0.0
+
+    start_level, start_epoch, optimizer_state, elapsed, rows = 0, 0, None, 0.0, []
+    if state is not None:
+        init_state, rows = state["init_state"], state["rows"]
+        start_level, start_epoch = state["level"], state["epoch"]
+        optimizer_state, elapsed = state["optimizer"], state["seconds"]
+        if state["masked"]:
+            _add_empty_masks(model)
+        model.load_state_dict(state["model"])
+        set_rng_state(state["rng"])
+
+    def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
+        if checkpoint is not None:
+            checkpoint.save({**(meta or {}), "level": level, "epoch": epoch, "rows": rows,
+                             "model": model.state_dict(), "init_state": init_state,
+                             "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
+                             "optimizer": None if optimizer is None else optimizer.state_dict(),
+                             "seconds": seconds, "rng": rng_state()})
+
+    def fresh_state(level: int) -> dict:
+        torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
+        return build_model(cfg.model, data.input_shape, data.num_classes).state_dict()
+
+    model.to(device)
+    for level in range(start_level, levels + 1):
+        resuming = level == start_level and start_epoch > 0
+        if level > 0 and not resuming:
+            torch.manual_seed(derive_seed(cfg.seed, "prune", level))  # random pruning draws
+            prune_level(model, cfg.prune.method, amount)
+            REWINDS[cfg.prune.rewind](model, init_state, lambda: fresh_state(level))
+        seconds = train(model, loader, cfg.train, device,
+                        start_epoch=start_epoch if resuming else 0,
+                        optimizer_state=optimizer_state if resuming else None,
+                        epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
+                        on_epoch=lambda epoch, loss, opt, secs: save(level, epoch + 1, opt, secs),
+                        elapsed=elapsed if resuming else 0.0)
         row = {"level": level, "stage": "float", **evaluate(model, test_loader, device),
                **sparsity(model), "flops": flops, "train_time_s": seconds, "size_bytes": serialized_size(model)}
-        if level == last:
+        if level == levels:
             model.to("cpu")
             row["latency_ms"] = latency_ms_per_sample(model, data.input_shape)
         rows.append(row)
         on_row(row)
+        save(level + 1, 0)
 
     if cfg.quant.mode != "none":
         calibration = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
-        qmodel = quantize(model, cfg.quant, calibration)
+        qmodel = quantize(model.to("cpu"), cfg.quant, calibration)
         cpu = torch.device("cpu")
-        row = {"level": last, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, cpu),
+        row = {"level": levels, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, cpu),
                "flops": flops, "size_bytes": serialized_size(qmodel),
                "latency_ms": latency_ms_per_sample(qmodel, data.input_shape)}
         rows.append(row)
@@ -107,22 +140,44 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
     if job.threads:
         torch.set_num_threads(job.threads)
+    checkpoint = Checkpoint(job.checkpoint_dir) if job.checkpoint_dir else None
+    previous = checkpoint.load() if checkpoint else None
     tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto")))}
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-    run = TrialRun(job.target, job.trial_id, job.name, job.settings, tags)
-    rows: list[dict] = []
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):
+            tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
+    run = TrialRun(job.target, job.trial_id, job.name, job.settings, tags,
+                   resume_run_id=previous.get("run_id") if previous else None)
+    rows: list[dict] = list(previous["rows"]) if previous else []
 
     def on_row(row: dict) -> None:
         rows.append(row)
         run.log_row(row, prefix="" if row["stage"] == "float" else "quant.")
 
     try:
-        execute(from_flat(job.settings), on_row)
-    except Exception:
+        rows = execute(from_flat(job.settings), on_row, checkpoint, {"run_id": run.run_id})
+    except Exception as exc:
         text = traceback.format_exc()
         run.fail(rows, job.settings, text)
+        # Out of time for good: keep the state so that a later `sweep run` resumes it.
+        if checkpoint is not None and not isinstance(exc, submitit.core.utils.UncompletedJobError):
+            checkpoint.clear()
         return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED",
                 "error": text.strip().splitlines()[-1]}
     run.finish(rows, job.settings)
+    if checkpoint is not None:
+        checkpoint.clear()
     return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FINISHED", "error": None}
+
+
+class TrialTask(submitit.helpers.Checkpointable):
+    """``run_trial`` as a submitit Checkpointable: on preemption or time limit it is requeued.
+
+    Its state is already on disk (saved after every epoch), so requeuing needs nothing more
+    than submitting the same job again; the new process resumes from the checkpoint.
+    """
+
+    def __call__(self, job: TrialJob) -> dict[str, Any]:
+        """Run the trial."""
+        return run_trial(job)

@@ -27,10 +27,10 @@ def spec_errors(fn):
     return wrapper
 
 
-def _load(file: str, overrides=()):
+def _load(file: str, overrides=(), launcher_overrides=()):
     from runner.spec import load_spec
 
-    return load_spec(file, list(overrides))
+    return load_spec(file, list(overrides), list(launcher_overrides))
 
 
 def _console():
@@ -106,6 +106,19 @@ def plan(file, fmt, overrides, tracking_uri):
     _console().print(table)
 
 
+def sweep_folder(spec) -> Path:
+    """The sweep's submitit folder: logs, pickles, job records and checkpoints."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-") or "sweep"
+    return Path(spec.launcher.get("folder", Path(".submitit") / slug))
+
+
+launcher_option = click.option("--launcher", "launcher_overrides", multiple=True, metavar="KEY=VALUE",
+                               help="Override a launcher option, e.g. timeout_min=30 or slurm.partition=gpu. "
+                                    "Repeatable.")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--executor", type=click.Choice(["debug", "local", "slurm"]), default=None,
@@ -113,23 +126,34 @@ def plan(file, fmt, overrides, tracking_uri):
 @click.option("--max-parallel", type=click.IntRange(min=1), default=None,
               help="Trials at once (default: launcher.max_parallel, else 2).")
 @click.option("--dry-run", is_flag=True, help="Validate and list what would be submitted; run nothing.")
+@click.option("--wait/--no-wait", default=None,
+              help="SLURM: follow the jobs until all ended (default: return after submitting).")
+@click.option("--retry-failed", is_flag=True, help="Submit only trials that failed or were cancelled.")
 @set_option
+@launcher_option
 @uri_option
 @spec_errors
-def run(file, executor, max_parallel, dry_run, overrides, tracking_uri):
-    """Run every trial of a sweep that has not finished yet."""
+def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, launcher_overrides, tracking_uri):
+    """Run every trial of a sweep that has not finished and is not queued or running."""
     from runner.grid import expand
-    from runner.store import finished_trials, resolve_uri
+    from runner.status import ACTIVE, trial_statuses
+    from runner.store import resolve_uri
 
-    spec = _load(file, overrides)
+    spec = _load(file, overrides, launcher_overrides)
     uri = resolve_uri(tracking_uri, spec.tracking)
     executor = executor or spec.launcher.get("executor", "local")
     max_parallel = max_parallel or spec.launcher.get("max_parallel", 2)
+    folder = sweep_folder(spec)
     _, trials = expand(spec)
-    done = finished_trials(uri, spec.name)
-    todo = [t for t in trials if t.id not in done]
-    click.echo(f"{spec.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, "
+    statuses, note = trial_statuses(trials, spec.name, uri, folder)
+    wanted = ("failed", "cancelled") if retry_failed else ("not submitted", "failed", "cancelled")
+    todo = [st.trial for st in statuses if st.state in wanted]
+    n_done = sum(st.state == "finished" for st in statuses)
+    n_active = sum(st.state in ACTIVE for st in statuses)
+    click.echo(f"{spec.name}: {len(trials)} trials: {n_done} finished, {n_active} queued or running, "
                f"{len(todo)} to run on '{executor}' (max {max_parallel} at once); store {uri}")
+    if note:
+        click.echo(f"note: {note}", err=True)
     if dry_run:
         for t in todo:
             click.echo(f"  would run {t.id}  {t.name}")
@@ -137,14 +161,25 @@ def run(file, executor, max_parallel, dry_run, overrides, tracking_uri):
     if not todo:
         click.echo("nothing to do")
         return
-    from runner.launch import launch
+    from runner.launch import EXECUTORS, payloads, run_local, submit_slurm, wait as wait_for
     from runner.store import prepare
 
     target = prepare(uri, spec.name)
-    folder = Path(spec.launcher.get("folder", Path(".submitit") / spec.name))
-    summary = _run_with_progress(todo, target, executor, folder, max_parallel, spec.launcher)
-    summary.skipped = [t.id for t in trials if t.id in done]
-    click.echo(f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}")
+    ex = EXECUTORS[executor](folder, spec.launcher, max_parallel)
+    jobs = payloads(todo, target, executor, folder, max_parallel)
+    if executor == "slurm":
+        submitted = submit_slurm(ex, jobs, todo, folder)
+        arrays = sorted({str(j.job_id).split("_")[0] for j in submitted})
+        click.echo(f"submitted {len(submitted)} trials as job array(s) {', '.join(arrays)}; "
+                   f"logs in {folder.resolve()}")
+        if not wait:
+            click.echo(f"follow with: sweep status {file}")
+            return
+        summary = _with_progress(len(todo), lambda progress: wait_for(submitted, todo, target, progress))
+    else:
+        summary = _with_progress(len(todo), lambda progress: run_local(
+            ex, executor, jobs, todo, target, folder, max_parallel, progress))
+    click.echo(f"finished {len(summary.finished)}, skipped {len(trials) - len(todo)}, failed {len(summary.failed)}")
     names = {t.id: t.name for t in trials}
     for tid, error in summary.failed.items():
         click.echo(f"  FAILED {tid} {names[tid]}: {error}", err=True)
@@ -152,21 +187,94 @@ def run(file, executor, max_parallel, dry_run, overrides, tracking_uri):
         sys.exit(1)
 
 
-def _run_with_progress(todo, target, executor, folder, max_parallel, options):
+def _with_progress(total, body):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from runner.launch import launch
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[last]}"),
                   console=_console(), transient=False) as bar:
-        task = bar.add_task("trials", total=len(todo), last="")
+        task = bar.add_task("trials", total=total, last="")
 
         def progress(trial, status):
             bar.update(task, advance=1, last=f"{status}: {trial.name}")
 
-        return launch(todo, target, executor, folder=folder, max_parallel=max_parallel, options=options,
-                      progress=progress)
+        return body(progress)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@set_option
+@launcher_option
+@uri_option
+@spec_errors
+def status(file, fmt, overrides, launcher_overrides, tracking_uri):
+    """Show each trial's state from the tracking store and the scheduler."""
+    from collections import Counter
+
+    from runner.grid import expand
+    from runner.status import STATES, trial_statuses
+    from runner.store import resolve_uri
+
+    spec = _load(file, overrides, launcher_overrides)
+    uri = resolve_uri(tracking_uri, spec.tracking)
+    _, trials = expand(spec)
+    statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
+    rows = [{"trial_id": st.trial.id, "name": st.trial.name, "state": st.state, "job_id": st.job_id,
+             "elapsed": st.elapsed, "last_level": st.last_level, "error": st.error, "log": st.log}
+            for st in statuses]
+    counts = Counter(st.state for st in statuses)
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES if counts[s])
+    if fmt == "json":
+        click.echo(json.dumps({"sweep": spec.name, "counts": dict(counts), "note": note, "trials": rows}, indent=2))
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        click.echo(pd.DataFrame(rows).to_csv(index=False), nl=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {summary}")
+    for col in ("trial_id", "name", "state", "job_id", "elapsed", "last_level", "error", "log"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    _console().print(table)
+    if note:
+        click.echo(f"note: {note}", err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--trial", "trial_ids", multiple=True, metavar="ID", help="Cancel only these trials. Repeatable.")
+@set_option
+@launcher_option
+@uri_option
+@spec_errors
+def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
+    """Cancel the sweep's queued and running SLURM jobs (or only some trials')."""
+    from runner import scheduler
+    from runner.grid import expand
+    from runner.status import ACTIVE, trial_statuses
+    from runner.store import resolve_uri
+
+    spec = _load(file, overrides, launcher_overrides)
+    uri = resolve_uri(tracking_uri, spec.tracking)
+    _, trials = expand(spec)
+    unknown = set(trial_ids) - {t.id for t in trials}
+    if unknown:
+        raise click.ClickException(f"not trials of {spec.name}: {', '.join(sorted(unknown))}")
+    statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
+    chosen = [st for st in statuses if st.state in ACTIVE and st.job_id and (not trial_ids or st.trial.id in trial_ids)]
+    if not chosen:
+        click.echo("nothing queued or running to cancel")
+        return
+    ok, message = scheduler.cancel([st.job_id for st in chosen])
+    if not ok:
+        raise click.ClickException(f"scancel failed: {message}")
+    for st in chosen:
+        click.echo(f"cancelled {st.trial.id} {st.trial.name} (job {st.job_id})")
 
 
 @main.command()

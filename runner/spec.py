@@ -33,6 +33,7 @@ LAUNCHER_OPTIONS: dict[str, Option] = {
     "max_parallel": Option(int, "trials running at once (local) / array parallelism (slurm)", _pos),
     "folder": Option(str, "submitit folder for job logs and pickles (shared filesystem on clusters)"),
     "timeout_min": Option(int, "time limit of one trial in minutes", _pos),
+    "max_requeues": Option(int, "times a trial may be requeued after reaching its time limit", _nonneg),
     "slurm": Option(dict, "SLURM options, see below"),
 }
 
@@ -48,6 +49,8 @@ SLURM_OPTIONS: dict[str, Option] = {
     "exclude": Option(str, "nodes to avoid (--exclude)"),
     "setup": Option(list, "shell lines run before the trial (module load, venv activate)"),
     "additional_parameters": Option(dict, "extra #SBATCH options as key: value"),
+    "signal_delay_s": Option(int, "seconds before the time limit at which the trial checkpoints and requeues",
+                             _pos),
 }
 
 
@@ -210,8 +213,36 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str] = ()) -> SweepSpec:
-    """Validate a parsed sweep mapping (plus --set overrides) into a SweepSpec."""
+def apply_launcher_overrides(raw_launcher: Any, overrides: list[str]) -> Any:
+    """Merge ``--launcher key=value`` (``slurm.partition=gpu``) into the file's launcher mapping."""
+    if not overrides:
+        return raw_launcher
+    merged = dict(raw_launcher) if isinstance(raw_launcher, dict) else {}
+    if isinstance(merged.get("slurm"), dict):
+        merged["slurm"] = dict(merged["slurm"])
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError("--launcher", None, item, "expected key=value")
+        try:
+            value = parse_value(text)
+        except yaml.YAMLError as exc:
+            raise SpecError("--launcher", None, key, f"value is not valid YAML: {yaml_problem(exc)[1]}") from None
+        chk = _Checker("--launcher", {})
+        head, _, sub = key.partition(".")
+        if head == "slurm" and sub:
+            chk.options({sub: value}, SLURM_OPTIONS, ("slurm",), "slurm option")
+            merged.setdefault("slurm", {})[sub] = value
+        else:
+            chk.options({key: value}, LAUNCHER_OPTIONS, (), "launcher option")
+            merged[key] = value
+    return merged
+
+
+def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str] = (),
+             launcher_overrides: list[str] = ()) -> SweepSpec:
+    """Validate a parsed sweep mapping (plus --set and --launcher overrides) into a SweepSpec."""
     chk = _Checker(source, lines)
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"{type(raw).__name__} {raw!r}"
@@ -253,7 +284,8 @@ def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str
         else:
             fixed_values[key] = checked[0]
 
-    launcher = chk.options(chk.mapping(raw.get("launcher") or {}, ("launcher",)), LAUNCHER_OPTIONS,
+    file_launcher = chk.mapping(raw.get("launcher") or {}, ("launcher",))
+    launcher = chk.options(apply_launcher_overrides(file_launcher, list(launcher_overrides)), LAUNCHER_OPTIONS,
                            ("launcher",), "launcher option")
     if "slurm" in launcher:
         chk.options(launcher["slurm"], SLURM_OPTIONS, ("launcher", "slurm"), "slurm option")
@@ -267,7 +299,7 @@ def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str
                      exclude=_rules(chk, raw.get("exclude"), "exclude"), launcher=launcher, lines=lines)
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> SweepSpec:
+def load_spec(path: str | os.PathLike, overrides: list[str] = (), launcher_overrides: list[str] = ()) -> SweepSpec:
     """Read, parse and validate a sweep file."""
     source = str(path)
     try:
@@ -281,4 +313,4 @@ def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> SweepSpec:
         raise SpecError(source, line, None, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
                                             f"{exc.start}); save the file as UTF-8") from None
     raw, lines = load_yaml(text, source)
-    return validate(raw, source, lines, overrides)
+    return validate(raw, source, lines, overrides, launcher_overrides)

@@ -84,9 +84,14 @@ def trial_runs(uri: str, experiment_id: str) -> dict[str, Any]:
             return best
 
 
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file does not exist yet (asking would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+
+
 def finished_trials(uri: str, sweep: str) -> set[str]:
     """Trial ids of the sweep that already finished in the store (without creating anything)."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if not store_exists(uri):
         return set()
     exp_id = find_experiment_id(uri, sweep)
     if exp_id is None:

@@ -1,0 +1,117 @@
+"""A trial stopped at any point resumes from its checkpoint, in the same MLflow run, with the same numbers."""
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs.checkpoint import Checkpoint
+from jobs.config import from_flat, to_flat
+from jobs.tracking import TrialRun
+from jobs.trial import TrialJob, execute, run_trial
+from runner.store import prepare
+
+SETTINGS = {"dataset": "synthetic", "dataset.train_size": 256, "prune.ratio": 0.8, "prune.iterations": 2,
+            "prune.method": "random_global", "train.epochs": 2, "quant": "dynamic", "seed": 5}
+
+
+class Preempted(BaseException):
+    """Stands in for the process being killed: not an Exception, so nothing records a failure."""
+
+
+def numbers(rows):
+    return [{k: v for k, v in r.items() if k not in ("train_time_s", "latency_ms")} for r in rows]
+
+
+def interrupt_after(level, stage="float"):
+    def on_row(row):
+        if row["level"] == level and row["stage"] == stage:
+            raise Preempted
+
+    return on_row
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_execute_resumes_at_the_last_level(tmp_path, level):
+    cfg = from_flat(SETTINGS)
+    expected = numbers(execute(cfg))
+    checkpoint = Checkpoint(tmp_path)
+    with pytest.raises(Preempted):
+        execute(cfg, interrupt_after(level), checkpoint)
+    state = checkpoint.load()
+    # the level's row was produced but the "level done" checkpoint not yet written
+    assert (state["level"], state["epoch"]) == (level, 2)
+    resumed = []
+    rows = execute(cfg, resumed.append, checkpoint)
+    assert numbers(rows) == expected
+    assert [r["level"] for r in resumed] == [r["level"] for r in expected[level:]]
+
+
+class StopAfterSaving(Checkpoint):
+    """A checkpoint whose process dies right after writing a given (level, epoch)."""
+
+    def __init__(self, directory, level, epoch):
+        super().__init__(directory)
+        self.stop_at = (level, epoch)
+
+    def save(self, state):
+        super().save(state)
+        if (state["level"], state["epoch"]) == self.stop_at:
+            raise Preempted
+
+
+@pytest.mark.parametrize("level,epoch", [(0, 1), (1, 1), (2, 1), (3, 0)])
+def test_execute_resumes_mid_level_with_optimizer_state(tmp_path, level, epoch):
+    cfg = from_flat(SETTINGS)
+    expected = numbers(execute(cfg))
+    with pytest.raises(Preempted):
+        execute(cfg, checkpoint=StopAfterSaving(tmp_path, level, epoch))
+    state = Checkpoint(tmp_path).load()
+    assert (state["level"], state["epoch"]) == (level, epoch)
+    if epoch:
+        assert state["optimizer"] is not None  # momentum buffers survive the interruption
+    assert state["masked"] == (level > 0)
+    assert numbers(execute(cfg, checkpoint=Checkpoint(tmp_path))) == expected
+
+
+def test_run_trial_resumes_in_the_same_run_without_duplicate_steps(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    target = prepare(uri, "resume")
+    job = TrialJob("abc123", "resume-trial", to_flat(from_flat(SETTINGS)), target,
+                   checkpoint_dir=str(tmp_path / "ckpt"))
+    # First attempt: dies right after logging level 1 (before checkpointing it).
+    run = TrialRun(target, job.trial_id, job.name, job.settings, {})
+    checkpoint = Checkpoint(job.checkpoint_dir)
+
+    def log_then_die(row):
+        run.log_row(row)
+        if row["level"] == 1:
+            raise Preempted
+
+    with pytest.raises(Preempted):
+        execute(from_flat(job.settings), log_then_die, checkpoint, {"run_id": run.run_id})
+    # Second attempt, as a requeued job would run it.
+    outcome = run_trial(job)
+    assert outcome["status"] == "FINISHED" and outcome["run_id"] == run.run_id
+    client = MlflowClient(uri)
+    runs = client.search_runs([target.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["resumed"] == "true"
+    for key in ("accuracy", "sparsity", "loss"):
+        steps = [m.step for m in client.get_metric_history(run.run_id, key)]
+        assert sorted(steps) == [0, 1, 2], key  # level 1 logged once, not twice
+    assert [m.step for m in client.get_metric_history(run.run_id, "quant.accuracy")] == [2]
+    assert not checkpoint.path.exists()  # cleared once the trial finished
+    # Same numbers as an uninterrupted run of the same trial.
+    expected = numbers(execute(from_flat(SETTINGS)))
+    final = runs[0].data.metrics
+    assert final["accuracy"] == pytest.approx(expected[2]["accuracy"], abs=0)
+    assert final["quant.accuracy"] == pytest.approx(expected[3]["accuracy"], abs=0)
+
+
+def test_failed_trial_clears_its_checkpoint_and_records_the_error(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    target = prepare(uri, "fails")
+    settings = {**to_flat(from_flat(SETTINGS)), "dataset": "mnist",
+                "dataset.root": str(tmp_path / "nothing")}
+    job = TrialJob("f00", "fails", settings, target, checkpoint_dir=str(tmp_path / "ckpt"))
+    outcome = run_trial(job)
+    assert outcome["status"] == "FAILED" and "DatasetMissingError" in outcome["error"]
+    assert not Checkpoint(job.checkpoint_dir).path.exists()
