@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 FILENAME = "checkpoint.pt"
+RUN_FILENAME = "run_id"
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,6 +39,18 @@ class Checkpoint:
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory) / FILENAME
+        self.run_path = Path(directory) / RUN_FILENAME
+
+    def run_id(self) -> str | None:
+        """The MLflow run of this trial's unfinished attempt, if one started."""
+        return self.run_path.read_text().strip() if self.run_path.exists() else None
+
+    def save_run_id(self, run_id: str) -> None:
+        """Remember the run at once: a job stopped before its first epoch resumes the same run."""
+        self.run_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(run_id)
+        os.replace(tmp, self.run_path)
 
     def load(self) -> dict[str, Any] | None:
         """The last saved state, or None when the trial starts fresh."""
@@ -55,3 +68,4 @@ class Checkpoint:
     def clear(self) -> None:
         """Remove the checkpoint (the trial finished, or failed for good)."""
         self.path.unlink(missing_ok=True)
+        self.run_path.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -17,21 +16,14 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from jobs.task import TrackingTarget
+
 T = TypeVar("T")
 RESULTS_ARTIFACT = "results.csv"
 CONFIG_ARTIFACT = "config.json"
 TRACEBACK_ARTIFACT = "traceback.txt"
 _TRANSIENT = ("database is locked", "database is busy", "disk i/o error", "unable to open database",
               "connection refused", "connection reset", "timed out", "temporarily unavailable")
-
-
-@dataclass(frozen=True)
-class TrackingTarget:
-    """Where a trial logs: store URI, experiment id and the sweep's name."""
-
-    uri: str
-    experiment_id: str
-    sweep: str
 
 
 def retry(fn: Callable[..., T], *args, attempts: int = 12, base_delay: float = 0.05, **kwargs) -> T:

@@ -1,6 +1,6 @@
 """One trial: train dense, prune level by level with rewinding and retraining, quantize, measure.
 
-``TrialTask`` is what every executor runs (in process, as a local process or a SLURM task).
+``run_trial`` is what every executor runs (through ``jobs.task.TrialTask``).
 It never raises for a failing trial: the failure is recorded in MLflow and returned, so that
 the launcher and the other trials go on. With a checkpoint directory, the trial saves its
 state after every epoch and level; a requeued or re-run trial resumes there, in the same
@@ -13,7 +13,6 @@ import hashlib
 import os
 import random
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -28,23 +27,11 @@ from jobs.measure import dense_flops, evaluate, latency_ms_per_sample, serialize
 from jobs.models import build_model, prunable_parameters
 from jobs.pruning import REWINDS, level_amount, prune_level
 from jobs.quantization import quantize
-from jobs.tracking import TrackingTarget, TrialRun
+from jobs.task import TrialJob
+from jobs.tracking import TrialRun
 from jobs.train import make_loader, resolve_device, train
 
 EVAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class TrialJob:
-    """What a worker needs to run one trial; small and picklable."""
-
-    trial_id: str
-    name: str
-    settings: dict[str, Any]
-    target: TrackingTarget
-    tags: dict[str, str] = field(default_factory=dict)
-    threads: int | None = None
-    checkpoint_dir: str | None = None
 
 
 def derive_seed(*parts: Any) -> int:
@@ -66,7 +53,7 @@ def _add_empty_masks(model: torch.nn.Module) -> None:
 
 
 def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
-            checkpoint: Checkpoint | None = None, meta: dict[str, Any] | None = None) -> list[dict]:
+            checkpoint: Checkpoint | None = None) -> list[dict]:
     """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands."""
     state = checkpoint.load() if checkpoint else None
     seed_everything(cfg.seed)
@@ -92,7 +79,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
 
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
         if checkpoint is not None:
-            checkpoint.save({**(meta or {}), "level": level, "epoch": epoch, "rows": rows,
+            checkpoint.save({"level": level, "epoch": epoch, "rows": rows,
                              "model": model.state_dict(), "init_state": init_state,
                              "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
                              "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -138,8 +125,10 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
 
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
-    if job.threads:
-        torch.set_num_threads(job.threads)
+    # Use the CPUs we were given, not every core of a shared node.
+    threads = job.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
+    if threads:
+        torch.set_num_threads(threads)
     checkpoint = Checkpoint(job.checkpoint_dir) if job.checkpoint_dir else None
     previous = checkpoint.load() if checkpoint else None
     tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto")))}
@@ -148,7 +137,9 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         if os.environ.get("SLURM_ARRAY_TASK_ID"):
             tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
     run = TrialRun(job.target, job.trial_id, job.name, job.settings, tags,
-                   resume_run_id=previous.get("run_id") if previous else None)
+                   resume_run_id=checkpoint.run_id() if checkpoint else None)
+    if checkpoint is not None:
+        checkpoint.save_run_id(run.run_id)
     rows: list[dict] = list(previous["rows"]) if previous else []
 
     def on_row(row: dict) -> None:
@@ -156,7 +147,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         run.log_row(row, prefix="" if row["stage"] == "float" else "quant.")
 
     try:
-        rows = execute(from_flat(job.settings), on_row, checkpoint, {"run_id": run.run_id})
+        rows = execute(from_flat(job.settings), on_row, checkpoint)
     except Exception as exc:
         text = traceback.format_exc()
         run.fail(rows, job.settings, text)
@@ -169,15 +160,3 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     if checkpoint is not None:
         checkpoint.clear()
     return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FINISHED", "error": None}
-
-
-class TrialTask(submitit.helpers.Checkpointable):
-    """``run_trial`` as a submitit Checkpointable: on preemption or time limit it is requeued.
-
-    Its state is already on disk (saved after every epoch), so requeuing needs nothing more
-    than submitting the same job again; the new process resumes from the checkpoint.
-    """
-
-    def __call__(self, job: TrialJob) -> dict[str, Any]:
-        """Run the trial."""
-        return run_trial(job)

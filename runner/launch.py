@@ -23,8 +23,9 @@ from typing import Any, Callable
 
 import submitit
 
-from jobs.tracking import TrackingTarget, retry
-from jobs.trial import TrialJob, TrialTask
+from jobs.task import TrackingTarget
+from jobs.tracking import retry
+from jobs.task import TrialJob, TrialTask
 from runner import records, scheduler
 from runner.grid import Trial
 
@@ -86,9 +87,7 @@ def threads_per_trial(executor: str, max_parallel: int) -> int | None:
     """Share this machine's cores between local trials; SLURM gives each its cpus_per_task."""
     if executor == "local":
         return max(1, (os.cpu_count() or 1) // max_parallel)
-    if executor == "slurm":
-        return None  # torch reads the allocation (SLURM_CPUS_PER_TASK via cgroups/affinity)
-    return None
+    return None  # in process: torch's default; on SLURM: the job's SLURM_CPUS_PER_TASK
 
 
 def payloads(trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,

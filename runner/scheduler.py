@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
@@ -47,14 +48,21 @@ def _expand(job_id: str) -> list[str]:
     return out
 
 
-def job_states(job_ids: list[str]) -> tuple[dict[str, dict], str | None]:
-    """Per job id: {state, elapsed}; plus a note on what could not be known."""
+def job_states(job_ids: list[str], since: float | None = None) -> tuple[dict[str, dict], str | None]:
+    """Per job id: {state, elapsed}; plus a note on what could not be known.
+
+    ``since`` (epoch seconds, the first submission) keeps sacct from reporting older jobs that
+    reused the same ids (a cluster whose state directory was reset numbers jobs from 1 again).
+    """
     if not job_ids:
         return {}, None
     parents = sorted({j.split("_")[0] for j in job_ids})
     states: dict[str, dict] = {}
     note = None
-    proc = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", "-j", ",".join(parents)])
+    window = []
+    if since is not None:
+        window = ["-S", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))]
+    proc = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Elapsed", *window, "-j", ",".join(parents)])
     if proc is not None and proc.returncode == 0 and "accounting storage is disabled" not in proc.stdout + proc.stderr:
         for line in proc.stdout.splitlines():
             parts = line.split("|")

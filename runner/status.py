@@ -68,8 +68,9 @@ def trial_statuses(trials: list[Trial], sweep: str, uri: str, folder: Path) -> t
         exp_id = find_experiment_id(uri, sweep)
         runs = trial_runs(uri, exp_id) if exp_id else {}
     latest = records.latest(folder)
-    slurm_ids = [r.job_id for r in latest.values() if r.executor == "slurm"]
-    jobs, note = scheduler.job_states(slurm_ids) if slurm_ids else ({}, None)
+    slurm = [r for r in latest.values() if r.executor == "slurm"]
+    jobs, note = (scheduler.job_states([r.job_id for r in slurm], min(r.submitted_at for r in slurm))
+                  if slurm else ({}, None))
     out = []
     for trial in trials:
         run, record = runs.get(trial.id), latest.get(trial.id)

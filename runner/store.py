@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jobs.tracking import TrackingTarget, retry
+from jobs.task import TrackingTarget
+from jobs.tracking import retry
 
 DEFAULT_DB = "mlflow.db"
 

@@ -5,7 +5,8 @@ from mlflow.tracking import MlflowClient
 from jobs.checkpoint import Checkpoint
 from jobs.config import from_flat, to_flat
 from jobs.tracking import TrialRun
-from jobs.trial import TrialJob, execute, run_trial
+from jobs.task import TrialJob
+from jobs.trial import execute, run_trial
 from runner.store import prepare
 
 SETTINGS = {"dataset": "synthetic", "dataset.train_size": 256, "prune.ratio": 0.8, "prune.iterations": 2,
@@ -85,8 +86,9 @@ def test_run_trial_resumes_in_the_same_run_without_duplicate_steps(tmp_path):
         if row["level"] == 1:
             raise Preempted
 
+    checkpoint.save_run_id(run.run_id)
     with pytest.raises(Preempted):
-        execute(from_flat(job.settings), log_then_die, checkpoint, {"run_id": run.run_id})
+        execute(from_flat(job.settings), log_then_die, checkpoint)
     # Second attempt, as a requeued job would run it.
     outcome = run_trial(job)
     assert outcome["status"] == "FINISHED" and outcome["run_id"] == run.run_id
@@ -115,3 +117,16 @@ def test_failed_trial_clears_its_checkpoint_and_records_the_error(tmp_path):
     outcome = run_trial(job)
     assert outcome["status"] == "FAILED" and "DatasetMissingError" in outcome["error"]
     assert not Checkpoint(job.checkpoint_dir).path.exists()
+
+
+def test_a_job_stopped_before_its_first_checkpoint_keeps_its_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    target = prepare(uri, "early")
+    job = TrialJob("e1", "early", to_flat(from_flat(SETTINGS)), target, checkpoint_dir=str(tmp_path / "ckpt"))
+    # The first attempt created its run, remembered it, and died before any epoch ended.
+    run = TrialRun(target, job.trial_id, job.name, job.settings, {})
+    Checkpoint(job.checkpoint_dir).save_run_id(run.run_id)
+    outcome = run_trial(job)
+    assert outcome["run_id"] == run.run_id
+    found = MlflowClient(uri).search_runs([target.experiment_id])
+    assert [r.info.status for r in found] == ["FINISHED"]

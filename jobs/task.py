@@ -1,0 +1,49 @@
+"""What executors pickle and run: light to import on purpose.
+
+submitit installs its SIGUSR2 handler (checkpoint and requeue) only after unpickling the job.
+Unpickling must therefore not import torch or mlflow: a job that receives the time-limit
+signal while still importing would otherwise die instead of being requeued. The heavy
+imports happen inside ``TrialTask.__call__``, after the handler is in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import submitit
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a trial logs: store URI, experiment id and the sweep's name."""
+
+    uri: str
+    experiment_id: str
+    sweep: str
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What a worker needs to run one trial; small and picklable."""
+
+    trial_id: str
+    name: str
+    settings: dict[str, Any]
+    target: TrackingTarget
+    tags: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None
+    checkpoint_dir: str | None = None
+
+
+class TrialTask(submitit.helpers.Checkpointable):
+    """A trial as a submitit Checkpointable: on preemption or time limit it is requeued.
+
+    Its state is already on disk (saved after every epoch), so requeuing needs nothing more
+    than submitting the same job again; the new process resumes from the checkpoint.
+    """
+
+    def __call__(self, job: TrialJob) -> dict[str, Any]:
+        """Run the trial (see ``jobs.trial.run_trial``)."""
+        from jobs.trial import run_trial
+
+        return run_trial(job)
