@@ -141,3 +141,4 @@ def test_exclude_matches_defaults_and_rejects_rules_matching_nothing():
 
     with pytest.raises(SpecError, match=r"exclude\[0\]: this rule matches no grid point"):
         expand(bad)
+

@@ -6,6 +6,7 @@ LOTTERY_SWEEPS_REQUIRE_SLURM=1 so these tests fail instead of skipping there.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,18 @@ def test_fire_and_forget_then_status(tmp_path):
     assert {r.data.tags["executor"] for r in found} == {"slurm"}
     again = sweep("run", str(path), cwd=tmp_path)
     assert "nothing to do" in again.stdout
+    # Without accounting (no sacct on PATH) status still answers from the store and squeue,
+    # and says what it cannot know.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("squeue", "scontrol", "scancel"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "runner.cli", "status", str(path), "--format", "json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    blind = json.loads(proc.stdout)
+    assert blind["counts"] == {"finished": 4} and "sacct unavailable" in blind["note"]
 
 
 def test_arrays_are_chunked_under_max_array_size(tmp_path, monkeypatch):
