@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,15 @@ def _setting(default: Any, doc: str, *, choices=None, check=None, hash_default: 
 
 
 _positive = (lambda v: v >= 1, ">= 1")
+
+
+def _int_list(text: str) -> bool:
+    return bool(re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text)) and all(int(x) > 0 for x in text.split(","))
+
+
+def _rate_list(text: str) -> bool:
+    return text == "" or bool(re.fullmatch(r"\s*[\w.]+\s*:\s*[\d.]+\s*(,\s*[\w.]+\s*:\s*[\d.]+\s*)*", text))
+
 _non_negative = (lambda v: v >= 0, ">= 0")
 
 
@@ -44,6 +54,10 @@ class DatasetConfig:
     root: str = _setting("data", "directory holding torchvision-format datasets")
     download: bool = _setting(False, "download missing torchvision datasets (needs internet)")
     train_size: int = _setting(0, "use only the first N training samples (0: all)", check=_non_negative)
+    # Added after trial ids were pinned: hashed only when set to a non-default value.
+    augment: bool = _setting(False, "standard training augmentation of the dataset (crops, flips)",
+                             hash_default=False)
+    normalize: bool = _setting(True, "standard per-channel normalisation of the dataset", hash_default=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,16 @@ class ModelConfig:
     PRIMARY = "name"
     name: str = _setting("lenet_300_100", "model name", choices=registry_names("jobs.models", "MODELS"))
     small_stem: bool = _setting(True, "ResNets: 3x3 stride-1 first conv and no max-pool (small images)")
+    weights: str = _setting("", "initial weights: a state dict or torchvision weights file ('' = random init)",
+                            hash_default=False)
+    finetune: str = _setting("full", "with weights: train all layers (full) or only the new output layer (head)",
+                             choices=lambda: ["full", "head"], hash_default=False)
+    channels: str = _setting("32,64", "small_cnn: output channels per conv layer, comma-separated",
+                             check=(lambda v: _int_list(v), "comma-separated positive integers"),
+                             hash_default=False)
+    kernel_sizes: str = _setting("3,3", "small_cnn: kernel size per conv layer, comma-separated",
+                                 check=(lambda v: _int_list(v), "comma-separated positive integers"),
+                                 hash_default=False)
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,8 @@ class TrainConfig:
     lr: float = _setting(0.05, "learning rate", check=(lambda v: v > 0, "> 0"))
     momentum: float = _setting(0.9, "SGD momentum", check=_non_negative)
     weight_decay: float = _setting(0.0, "L2 weight decay", check=_non_negative)
+    lr_schedule: str = _setting("constant", "learning-rate schedule, restarted on every level",
+                                choices=lambda: ["constant", "cosine", "step"], hash_default=False)
 
 
 @dataclass(frozen=True)
@@ -78,7 +104,20 @@ class PruneConfig:
                             check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     iterations: int = _setting(1, "pruning levels to reach the ratio", check=_positive)
     rewind: str = _setting("init", "what surviving weights are reset to before retraining",
-                           choices=registry_names("jobs.pruning", "REWINDS"))
+                           check=(lambda v: bool(re.fullmatch(r"init|none|reinit|(epoch|step):\d+", v)),
+                                  "init, none, reinit, epoch:N or step:N"))
+    retrain_epochs: int = _setting(0, "epochs of retraining per pruning level (0: train.epochs)",
+                                   check=_non_negative, hash_default=False)
+    scope: str = _setting("all", "which layers are pruned: all, first_conv, layers (prune.layers), "
+                          "isolate (one trial per layer)", choices=lambda: ["all", "first_conv", "isolate", "layers"],
+                          hash_default=False)
+    layers: str = _setting("", "scope layers: comma-separated layer names", hash_default=False)
+    ignore: str = _setting("", "comma-separated layer names never pruned", hash_default=False)
+    layer_rates: str = _setting("", "per-layer rate multipliers, e.g. 'output:0.5' (output = last layer)",
+                                check=(lambda v: _rate_list(v), "name:factor pairs, comma-separated"),
+                                hash_default=False)
+    norm: float = _setting(2.0, "ln_structured: the norm ranking channels (1, 2, ...)",
+                           check=(lambda v: v > 0, "> 0"), hash_default=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +129,8 @@ class QuantConfig:
     backend: str = _setting("x86", "quantized engine", choices=lambda: ["fbgemm", "qnnpack", "x86"])
     calibration_batches: int = _setting(8, "training batches used to calibrate static quantization",
                                         check=_positive)
+    qat_epochs: int = _setting(1, "qat: epochs of fake-quantized fine-tuning before conversion",
+                               check=_positive, hash_default=False)
 
 
 @dataclass(frozen=True)
