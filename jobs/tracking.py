@@ -55,7 +55,7 @@ class TrialRun:
             # logged again (it may have died between logging a level and checkpointing it).
             self.run_id = resume_run_id
             retry(self.client.update_run, self.run_id, status="RUNNING")
-            for key in ("accuracy", "quant.accuracy"):
+            for key in ("accuracy", "quant.accuracy", "epoch.train_loss", "epoch.test_accuracy", "epoch.lr"):
                 self.logged |= {(key, m.step) for m in retry(self.client.get_metric_history, self.run_id, key)}
             retry(self.client.log_batch, self.run_id,
                   tags=[RunTag(k, str(v)) for k, v in tags.items()] + [RunTag("resumed", "true")])
@@ -79,23 +79,35 @@ class TrialRun:
         retry(self.client.log_batch, self.run_id, metrics=metrics, tags=tags)
         self.logged.add((prefix + "accuracy", step))
 
-    def _artifacts(self, rows: list[dict], config: dict, extra: dict[str, str]) -> None:
+    def log_curve(self, points: list[dict[str, Any]]) -> None:
+        """Log one level's per-epoch curve (``epoch.*`` metrics, step = epoch count) in one batch."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"epoch.{k}", float(v), now, int(p["step"])) for p in points
+                   for k, v in p.items() if k not in ("step", "level", "epoch") and _number(v)
+                   and (f"epoch.{k}", int(p["step"])) not in self.logged]
+        if metrics:
+            retry(self.client.log_batch, self.run_id, metrics=metrics)
+            self.logged |= {(m.key, m.step) for m in metrics}
+
+    def _artifacts(self, rows: list[dict], config: dict, tables: dict[str, Any], texts: dict[str, str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            if rows:  # a trial that failed before its first level has no table
-                pd.DataFrame(rows).to_csv(Path(tmp) / RESULTS_ARTIFACT, index=False)
+            for name, table in {RESULTS_ARTIFACT: rows, **tables}.items():
+                frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+                if len(frame):  # a trial that failed before its first level has no table
+                    frame.to_csv(Path(tmp) / name, index=False)
             (Path(tmp) / CONFIG_ARTIFACT).write_text(json.dumps(config, indent=2, sort_keys=True))
-            for name, text in extra.items():
+            for name, text in texts.items():
                 (Path(tmp) / name).write_text(text)
             retry(self.client.log_artifacts, self.run_id, tmp)
 
-    def finish(self, rows: list[dict], config: dict) -> None:
-        """Store the results table and config, then mark the run FINISHED."""
-        self._artifacts(rows, config, {})
+    def finish(self, rows: list[dict], config: dict, tables: dict[str, Any] | None = None) -> None:
+        """Store the results table, other tables and the config, then mark the run FINISHED."""
+        self._artifacts(rows, config, tables or {}, {})
         retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def fail(self, rows: list[dict], config: dict, traceback_text: str) -> None:
         """Store what finished plus the traceback, then mark the run FAILED."""
         error = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else "unknown error"
         retry(self.client.set_tag, self.run_id, "error", error[:5000])
-        self._artifacts(rows, config, {TRACEBACK_ARTIFACT: traceback_text})
+        self._artifacts(rows, config, {}, {TRACEBACK_ARTIFACT: traceback_text})
         retry(self.client.set_terminated, self.run_id, "FAILED")

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -25,11 +26,11 @@ from jobs.config import TrialConfig, from_flat
 from jobs.data import load_dataset
 from jobs.measure import dense_flops, evaluate, latency_ms_per_sample, serialized_size, sparsity
 from jobs.models import build_model, prunable_parameters
-from jobs.pruning import REWINDS, level_amount, prune_level
+from jobs.pruning import REWINDS, level_amount, parse_rewind, prune_level
 from jobs.quantization import quantize
 from jobs.task import TrialJob
 from jobs.tracking import TrialRun
-from jobs.train import make_loader, resolve_device, train
+from jobs.train import lr_at, make_loader, resolve_device, train
 
 EVAL_BATCH = 256
 
@@ -52,8 +53,18 @@ def _add_empty_masks(model: torch.nn.Module) -> None:
         prune.identity(module, name)
 
 
+@dataclass
+class TrialResult:
+    """Everything a trial produced: per level/stage rows, per-epoch curves, per-layer tables."""
+
+    rows: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    tables: dict[str, Any] = field(default_factory=dict)
+
+
 def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
-            checkpoint: Checkpoint | None = None) -> list[dict]:
+            checkpoint: Checkpoint | None = None, on_curve: Callable[[list[dict]], None] = lambda c: None
+            ) -> TrialResult:
     """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands."""
     state = checkpoint.load() if checkpoint else None
     seed_everything(cfg.seed)
@@ -66,10 +77,15 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     flops = dense_flops(model, data.input_shape)
     levels = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
     amount = level_amount(cfg.prune.ratio, levels) if levels else 0.0
+    kind, at = parse_rewind(cfg.prune.rewind)
+    late = levels > 0 and kind in ("epoch", "step") and at > 0
+    rewind_state = None if late else init_state
+    result = TrialResult()
 
-    start_level, start_epoch, optimizer_state, elapsed, rows = 0, 0, None, 0.0, []
+    start_level, start_epoch, optimizer_state, elapsed = 0, 0, None, 0.0
     if state is not None:
-        init_state, rows = state["init_state"], state["rows"]
+        init_state, rewind_state = state["init_state"], state["rewind_state"]
+        result.rows, result.curves = state["rows"], state["curves"]
         start_level, start_epoch = state["level"], state["epoch"]
         optimizer_state, elapsed = state["optimizer"], state["seconds"]
         if state["masked"]:
@@ -79,8 +95,8 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
 
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
         if checkpoint is not None:
-            checkpoint.save({"level": level, "epoch": epoch, "rows": rows,
-                             "model": model.state_dict(), "init_state": init_state,
+            checkpoint.save({"level": level, "epoch": epoch, "rows": result.rows, "curves": result.curves,
+                             "model": model.state_dict(), "init_state": init_state, "rewind_state": rewind_state,
                              "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
                              "optimizer": None if optimizer is None else optimizer.state_dict(),
                              "seconds": seconds, "rng": rng_state()})
@@ -89,25 +105,45 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
         return build_model(cfg.model, data.input_shape, data.num_classes).state_dict()
 
+    def capture(now: int, unit: str) -> None:
+        nonlocal rewind_state
+        if late and kind == unit and now == at:
+            rewind_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
     model.to(device)
     for level in range(start_level, levels + 1):
         resuming = level == start_level and start_epoch > 0
         if level > 0 and not resuming:
+            if rewind_state is None:
+                raise ValueError(f"prune.rewind {cfg.prune.rewind}: the dense training ({cfg.train.epochs} "
+                                 f"epochs, {cfg.train.epochs * len(loader)} steps) never reached it")
             torch.manual_seed(derive_seed(cfg.seed, "prune", level))  # random pruning draws
-            prune_level(model, cfg.prune.method, amount)
-            REWINDS[cfg.prune.rewind](model, init_state, lambda: fresh_state(level))
-        seconds = train(model, loader, cfg.train, device,
+            prune_level(model, cfg.prune, amount)
+            REWINDS[kind](model, rewind_state, lambda: fresh_state(level))
+        epochs = cfg.train.epochs if level == 0 else (cfg.prune.retrain_epochs or cfg.train.epochs)
+
+        def end_of_epoch(epoch, loss, optimizer, seconds, level=level, epochs=epochs):
+            accuracy = evaluate(model, test_loader, device)["accuracy"]
+            result.curves.append({"step": len(result.curves), "level": level, "epoch": epoch, "train_loss": loss,
+                                  "test_accuracy": accuracy, "lr": lr_at(cfg.train, epoch, epochs)})
+            if level == 0:
+                capture(epoch + 1, "epoch")
+            save(level, epoch + 1, optimizer, seconds)
+
+        seconds = train(model, loader, cfg.train, device, epochs=epochs,
                         start_epoch=start_epoch if resuming else 0,
                         optimizer_state=optimizer_state if resuming else None,
                         epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
-                        on_epoch=lambda epoch, loss, opt, secs: save(level, epoch + 1, opt, secs),
+                        on_epoch=end_of_epoch,
+                        on_step=(lambda step: capture(step, "step")) if level == 0 else None,
                         elapsed=elapsed if resuming else 0.0)
+        on_curve([point for point in result.curves if point["level"] == level])
         row = {"level": level, "stage": "float", **evaluate(model, test_loader, device),
                **sparsity(model), "flops": flops, "train_time_s": seconds, "size_bytes": serialized_size(model)}
         if level == levels:
             model.to("cpu")
             row["latency_ms"] = latency_ms_per_sample(model, data.input_shape)
-        rows.append(row)
+        result.rows.append(row)
         on_row(row)
         save(level + 1, 0)
 
@@ -118,9 +154,9 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         row = {"level": levels, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, cpu),
                "flops": flops, "size_bytes": serialized_size(qmodel),
                "latency_ms": latency_ms_per_sample(qmodel, data.input_shape)}
-        rows.append(row)
+        result.rows.append(row)
         on_row(row)
-    return rows
+    return result
 
 
 def run_trial(job: TrialJob) -> dict[str, Any]:
@@ -140,23 +176,23 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
                    resume_run_id=checkpoint.run_id() if checkpoint else None)
     if checkpoint is not None:
         checkpoint.save_run_id(run.run_id)
-    rows: list[dict] = list(previous["rows"]) if previous else []
+    partial = TrialResult(rows=list(previous["rows"]) if previous else [])
 
     def on_row(row: dict) -> None:
-        rows.append(row)
+        partial.rows.append(row)
         run.log_row(row, prefix="" if row["stage"] == "float" else "quant.")
 
     try:
-        rows = execute(from_flat(job.settings), on_row, checkpoint)
+        result = execute(from_flat(job.settings), on_row, checkpoint, on_curve=run.log_curve)
     except Exception as exc:
         text = traceback.format_exc()
-        run.fail(rows, job.settings, text)
+        run.fail(partial.rows, job.settings, text)
         # Out of time for good: keep the state so that a later `sweep run` resumes it.
         if checkpoint is not None and not isinstance(exc, submitit.core.utils.UncompletedJobError):
             checkpoint.clear()
         return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED",
                 "error": text.strip().splitlines()[-1]}
-    run.finish(rows, job.settings)
+    run.finish(result.rows, job.settings, {"curves.csv": result.curves, **result.tables})
     if checkpoint is not None:
         checkpoint.clear()
     return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FINISHED", "error": None}

@@ -5,13 +5,16 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from jobs.config import TrialConfig, from_flat, to_flat, trial_id
+from jobs.config import SETTINGS, TrialConfig, from_flat, to_flat, trial_id
 from runner.errors import SpecError
 from runner.spec import SweepSpec
 
 # Values a setting takes when it cannot matter, so that equivalent points become one trial.
 DENSE = {"prune.method": "none", "prune.iterations": 0, "prune.rewind": "none"}
+DENSE_DEFAULTS = ("prune.retrain_epochs", "prune.scope", "prune.layers", "prune.ignore", "prune.layer_rates",
+                  "prune.norm")
 UNQUANTIZED = {"quant.backend": "none", "quant.calibration_batches": 0}
+UNQUANTIZED_DEFAULTS = ("quant.qat_epochs",)
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,31 @@ def canonical(flat: dict[str, Any]) -> dict[str, Any]:
     out = dict(flat)
     if out["prune.ratio"] == 0:
         out.update(DENSE)
+        out.update({k: SETTINGS[k].default for k in DENSE_DEFAULTS})
     if out["quant"] == "none":
         out.update(UNQUANTIZED)
+        out.update({k: SETTINGS[k].default for k in UNQUANTIZED_DEFAULTS})
+    if out["prune.method"] != "ln_structured":
+        out["prune.norm"] = SETTINGS["prune.norm"].default
+    if out["quant"] != "qat":
+        out["quant.qat_epochs"] = SETTINGS["quant.qat_epochs"].default
     return out
+
+
+def isolate(flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """``prune.scope: isolate``: one point per prunable layer (minus ``prune.ignore``), pruned alone."""
+    if flat["prune.scope"] != "isolate" or flat["prune.ratio"] == 0:
+        return [flat]
+    from jobs.data import INPUT_SHAPES
+    from jobs.models import build_model
+    from jobs.pruning import named_prunable
+
+    cfg = from_flat(flat)
+    # Layer names depend on the architecture only; any class count will do.
+    model = build_model(cfg.model, INPUT_SHAPES.get(cfg.dataset.name, (3, 32, 32)), 10)
+    ignored = {n.strip() for n in cfg.prune.ignore.split(",") if n.strip()}
+    return [{**flat, "prune.scope": "layers", "prune.layers": name}
+            for name, _ in named_prunable(model) if name not in ignored]
 
 
 def _product(axes: dict[str, list]) -> Iterator[dict[str, Any]]:
@@ -88,10 +113,15 @@ def expand(spec: SweepSpec) -> tuple[int, list[Trial]]:
     axis_keys = list(spec.axes) + [k for rule in spec.include for k in rule if k not in spec.axes]
     extra = [k for k in axis_keys if k not in _NAMED]
     trials: dict[str, Trial] = {}
+    if any(p.get("prune.scope") == "isolate" for p in raw):
+        axis_keys.append("prune.layers")
     for point in raw:
-        flat = canonical(to_flat(from_flat(point)))
-        cfg = from_flat(flat)
-        tid = trial_id(cfg)
-        if tid not in trials:
-            trials[tid] = Trial(tid, readable_name(flat, extra), cfg, {k: flat[k] for k in axis_keys})
+        for flat in isolate(canonical(to_flat(from_flat(point)))):
+            cfg = from_flat(flat)
+            tid = trial_id(cfg)
+            if tid not in trials:
+                name = readable_name(flat, [k for k in extra if k != "prune.layers"])
+                if flat["prune.scope"] == "layers" and flat["prune.ratio"] > 0:
+                    name += f"-layers={flat['prune.layers']}"
+                trials[tid] = Trial(tid, name, cfg, {k: flat[k] for k in axis_keys})
     return len(raw), list(trials.values())

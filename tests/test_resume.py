@@ -32,7 +32,7 @@ def interrupt_after(level, stage="float"):
 @pytest.mark.parametrize("level", [0, 1])
 def test_execute_resumes_at_the_last_level(tmp_path, level):
     cfg = from_flat(SETTINGS)
-    expected = numbers(execute(cfg))
+    expected = numbers(execute(cfg).rows)
     checkpoint = Checkpoint(tmp_path)
     with pytest.raises(Preempted):
         execute(cfg, interrupt_after(level), checkpoint)
@@ -40,7 +40,7 @@ def test_execute_resumes_at_the_last_level(tmp_path, level):
     # the level's row was produced but the "level done" checkpoint not yet written
     assert (state["level"], state["epoch"]) == (level, 2)
     resumed = []
-    rows = execute(cfg, resumed.append, checkpoint)
+    rows = execute(cfg, resumed.append, checkpoint).rows
     assert numbers(rows) == expected
     assert [r["level"] for r in resumed] == [r["level"] for r in expected[level:]]
 
@@ -61,7 +61,7 @@ class StopAfterSaving(Checkpoint):
 @pytest.mark.parametrize("level,epoch", [(0, 1), (1, 1), (2, 1), (3, 0)])
 def test_execute_resumes_mid_level_with_optimizer_state(tmp_path, level, epoch):
     cfg = from_flat(SETTINGS)
-    expected = numbers(execute(cfg))
+    expected = numbers(execute(cfg).rows)
     with pytest.raises(Preempted):
         execute(cfg, checkpoint=StopAfterSaving(tmp_path, level, epoch))
     state = Checkpoint(tmp_path).load()
@@ -69,7 +69,7 @@ def test_execute_resumes_mid_level_with_optimizer_state(tmp_path, level, epoch):
     if epoch:
         assert state["optimizer"] is not None  # momentum buffers survive the interruption
     assert state["masked"] == (level > 0)
-    assert numbers(execute(cfg, checkpoint=Checkpoint(tmp_path))) == expected
+    assert numbers(execute(cfg, checkpoint=Checkpoint(tmp_path)).rows) == expected
 
 
 def test_run_trial_resumes_in_the_same_run_without_duplicate_steps(tmp_path):
@@ -102,7 +102,7 @@ def test_run_trial_resumes_in_the_same_run_without_duplicate_steps(tmp_path):
     assert [m.step for m in client.get_metric_history(run.run_id, "quant.accuracy")] == [2]
     assert not checkpoint.path.exists()  # cleared once the trial finished
     # Same numbers as an uninterrupted run of the same trial.
-    expected = numbers(execute(from_flat(SETTINGS)))
+    expected = numbers(execute(from_flat(SETTINGS)).rows)
     final = runs[0].data.metrics
     assert final["accuracy"] == pytest.approx(expected[2]["accuracy"], abs=0)
     assert final["quant.accuracy"] == pytest.approx(expected[3]["accuracy"], abs=0)

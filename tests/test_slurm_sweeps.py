@@ -211,7 +211,7 @@ def test_requeue_and_time_limit_resume_with_identical_results(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = execute(from_flat(load_spec(requeued).fixed))
+        reference = execute(from_flat(load_spec(requeued).fixed)).rows
     finally:
         torch.set_num_threads(threads)
     expected = {"accuracy": reference[2]["accuracy"], "loss": reference[2]["loss"],
