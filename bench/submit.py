@@ -16,6 +16,9 @@ trial is queued, all submitted HELD (``--hold``) so that nothing ever runs:
 * ``baseline``: the users' script: GNU ``parallel -P10 --header :`` running one
   ``sbatch --job-name=... --export=<the trial's settings> run-job.sh`` per grid point.
 
+Each path puts N jobs into slurmctld (array tasks count one each against MaxJobCount) and
+they stay counted MinJobAge seconds after scancel; before each submission the benchmark waits,
+untimed, until N more fit with a quarter of MaxJobCount left to others.
 Each submission is cancelled right after it was timed (``scancel`` of the job ids it printed,
 then a check by its unique job name that nothing of it is left). Speed is reported as a ratio
 against the baseline measured in the same command, never as an absolute bound.
@@ -68,7 +71,7 @@ def refuse(msg: str) -> None:
     sys.exit(EXIT_UNUSABLE)
 
 
-def check_cluster(trials: int, repeat: int) -> dict[str, int]:
+def check_cluster(trials: int) -> dict[str, int]:
     """Exit 2 unless SLURM takes jobs and the job records fit; return the limits that matter."""
     hint = "start a local cluster with `sudo scripts/slurm-local.sh up`"
     for tool in ("sbatch", "squeue", "scancel", "scontrol", "sinfo"):
@@ -77,7 +80,7 @@ def check_cluster(trials: int, repeat: int) -> dict[str, int]:
     proc = run(["scontrol", "ping"], timeout=10)
     if proc is None or proc.returncode != 0:
         out = "" if proc is None else (proc.stdout + proc.stderr).strip()
-        refuse(f"SLURM is not reachable: slurmctld does not answer `scontrol ping` ({out[:200]}); {hint}")
+        refuse(f"SLURM is not reachable: slurmctld does not answer `scontrol ping` ({out[:200] or 'no answer'}); {hint}")
     proc = run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=10)
     nodes = [line.split() for line in (proc.stdout if proc else "").splitlines() if line.strip()]
     if not any(len(n) == 2 and n[1] in USABLE_NODE_STATES for n in nodes):
@@ -94,17 +97,46 @@ def check_cluster(trials: int, repeat: int) -> dict[str, int]:
 
     limits = {"MaxArraySize": setting("MaxArraySize", 1001), "MaxJobCount": setting("MaxJobCount", 10000),
               "MinJobAge": setting("MinJobAge", 300)}
-    proc = run(["squeue", "-h", "-t", "all", "-o", "%i"], timeout=30)
-    limits["records_now"] = len(proc.stdout.splitlines()) if proc and proc.returncode == 0 else 0
-    # Every baseline trial is its own job record, kept MinJobAge seconds after scancel; a pending
-    # array is one record. Do not push slurmctld into "MaxJobCount reached" for other users.
-    arrays = -(-trials // limits["MaxArraySize"])
-    needed = repeat * (trials + 2 * arrays)
-    if limits["records_now"] + needed > 0.9 * limits["MaxJobCount"]:
-        refuse(f"{needed} job records needed on top of {limits['records_now']} held by slurmctld would come "
-               f"near MaxJobCount={limits['MaxJobCount']} (cancelled jobs stay {limits['MinJobAge']} s); "
-               f"use fewer --trials or --repeat")
+    limits["records_now"] = job_records()
+    # Every trial counts against MaxJobCount, array task or not, and stays counted MinJobAge
+    # seconds after scancel. Leave a quarter of it to whoever else uses the cluster.
+    if trials > limits["MaxJobCount"] - reserve(limits):
+        refuse(f"{trials} trials do not fit under MaxJobCount={limits['MaxJobCount']} while leaving "
+               f"{reserve(limits)} job records to others; use fewer --trials")
     return limits
+
+
+def reserve(limits: dict[str, int]) -> int:
+    """Job records (MaxJobCount) this benchmark never takes: other users and tests need them."""
+    return limits["MaxJobCount"] // 4
+
+
+def job_records() -> int:
+    """Jobs slurmctld holds now, each array task counted (as MaxJobCount counts them)."""
+    proc = run(["squeue", "-h", "-r", "-t", "all", "-o", "%i"], timeout=60)
+    return len(proc.stdout.splitlines()) if proc and proc.returncode == 0 else 0
+
+
+def wait_for_room(limits: dict[str, int], trials: int) -> str:
+    """Wait until `trials` more jobs fit under MaxJobCount with the reserve left; '' or a problem.
+
+    Cancelled jobs keep their record MinJobAge seconds: with --repeat the benchmark would
+    otherwise fill slurmctld (sbatch then retries for minutes and fails with "Resource
+    temporarily unavailable", for everyone on the cluster).
+    """
+    limit = limits["MaxJobCount"] - reserve(limits)
+    deadline, told = time.monotonic() + limits["MinJobAge"] + 180, False
+    while True:
+        now = job_records()
+        if now + trials <= limit:
+            return ""
+        if time.monotonic() > deadline:
+            return f"slurmctld still holds {now} job records; {trials} more would pass {limit} (MaxJobCount - reserve)"
+        if not told:
+            say(f"  waiting for slurmctld to purge old job records ({now} held, {trials} more would pass "
+                f"{limit}; cancelled jobs stay MinJobAge={limits['MinJobAge']} s)...")
+            told = True
+        time.sleep(5)
 
 
 def queued(name: str) -> list[tuple[str, str, str]]:
@@ -279,6 +311,30 @@ def baseline(work: Path, name: str, axes, trials: int, jobs: int) -> Run:
 
 # ---------------------------------------------------------------- main
 
+def warm_up(root: Path, uri: str, tag: str, axes) -> float:
+    """Untimed: import what the in-process path needs and create the store; returns the import time.
+
+    Users already have a store; creating a fresh SQLite store runs MLflow's migrations, a
+    one-off cost not worth timing. The imports are what `sweep run` pays at every start.
+    """
+    import logging
+
+    t0 = time.perf_counter()
+    from runner.grid import expand
+    from runner.launch import EXECUTORS  # noqa: F401  (submitit)
+    from runner.spec import load_spec
+    from runner.store import prepare
+
+    warm = root / "warmup"
+    warm.mkdir()
+    expand(load_spec(str(write_sweep(warm, f"bench-warmup-{tag}", f"bench-warmup-{tag}", axes))))
+    first_use = time.perf_counter() - t0  # torch/torchvision (to validate model names), mlflow, submitit
+    for logger in ("mlflow", "alembic"):  # quiet the new store's migrations (mlflow sets INFO on import)
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    prepare(uri, f"bench-warmup-{tag}")
+    return first_use
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=1000, help="trials per submission (default 1000)")
@@ -289,43 +345,32 @@ def main(argv=None) -> int:
     if args.trials < 2 or args.repeat < 1 or args.jobs < 1:
         parser.error("--trials >= 2, --repeat >= 1, --jobs >= 1")
 
-    limits = check_cluster(args.trials, args.repeat)
+    limits = check_cluster(args.trials)
     axes = grid(args.trials)
     shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
     chunks = -(-args.trials // limits["MaxArraySize"])
     say(f"{args.trials} trials ({shape}; {', '.join(f'{k}={v}' for k, v in FIXED.items())}), all submitted held")
     say(f"cluster: MaxArraySize={limits['MaxArraySize']} -> {chunks} array(s) of at most "
-        f"{limits['MaxArraySize']}, MaxJobCount={limits['MaxJobCount']}, {limits['records_now']} job records now")
+        f"{limits['MaxArraySize']}; MaxJobCount={limits['MaxJobCount']} (every array task counts), "
+        f"{limits['records_now']} held now, {reserve(limits)} always left to others")
 
     tag = uuid.uuid4().hex[:8]
     root = Path(tempfile.mkdtemp(prefix=f"bench-submit-{tag}-"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # Untimed: imports for the in-process path, and an existing store (users have one; creating
-    # a fresh SQLite store runs MLflow's migrations, a one-off cost we do not want to time).
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    from runner.grid import expand
-    from runner.launch import EXECUTORS  # noqa: F401  (submitit)
-    from runner.spec import load_spec
-    from runner.store import prepare
-
-    warm = root / "warmup"
-    warm.mkdir()
-    expand(load_spec(str(write_sweep(warm, f"bench-warmup-{tag}", f"bench-warmup-{tag}", axes))))
-    first_use = time.perf_counter() - t0  # imports: torch/torchvision (model names), mlflow, submitit
-    prepare(uri, f"bench-warmup-{tag}")
     results: dict[str, list[Run]] = {}
     problems: list[str] = []
     try:
+        first_use = warm_up(root, uri, tag, axes)
         for rep in range(args.repeat):
             for kind in ("cli", "inproc", "baseline"):
                 name = f"bench-{kind}-{tag}-{rep}"
                 work = root / name
                 work.mkdir()
                 ids: list[str] = []
+                wait_problem = wait_for_room(limits, args.trials)  # untimed
+                if wait_problem:
+                    problems.append(wait_problem)
+                    break
                 try:
                     if kind == "cli":
                         r = ours_cli(work, uri, name, axes, args.trials)
@@ -340,17 +385,21 @@ def main(argv=None) -> int:
                     if problem:
                         problems.append(f"{r.path}: {problem}")
                     results.setdefault(r.path, []).append(r)
+                except Exception as exc:  # noqa: BLE001  (report it; the queue is still cleaned below)
+                    problems.append(f"{kind} run {rep + 1}: {type(exc).__name__}: {str(exc).strip()[-300:]}")
                 finally:
                     left = cancel(ids, name)  # also on errors and Ctrl-C: nothing of ours stays queued
                     if left:
                         problems.append(left)
+            if problems:
+                break  # stop at the first failure: do not keep loading a struggling slurmctld
     finally:
         if args.keep:
             say(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    report(results, args, first_use)
+    report(results, args, first_use if results else 0.0)
     if problems:
         say("\nPROBLEMS:\n" + "\n".join(f"  {p}" for p in problems))
         return EXIT_FAILED
@@ -374,7 +423,7 @@ def report(results: dict[str, list[Run]], args, first_use: float) -> None:
     if base:
         for ours in ("ours (CLI)", "ours (in-process)"):
             if ours in med:
-                say(f"ratio baseline / {ours}: {med[base] / med[ours]:.1f}x")
+                say(f"ratio baseline / {ours}: {med[base] / med[ours]:.2f}x")
     inproc = results.get("ours (in-process)")
     if inproc:
         say(f"\nours (in-process), step by step (median seconds; {args.trials} trials):")

@@ -165,10 +165,14 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     from runner.store import prepare
 
     target = prepare(uri, spec.name)
-    ex = EXECUTORS[executor](folder, spec.launcher, max_parallel)
+    ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     jobs = payloads(todo, target, executor, folder, max_parallel)
     if executor == "slurm":
-        submitted = submit_slurm(ex, jobs, todo, folder)
+        try:
+            submitted = submit_slurm(ex, jobs, todo, folder)
+        except Exception as exc:  # sbatch refused (limits, bad partition...): say it in one line
+            first = str(exc).strip().splitlines()
+            raise click.ClickException(f"sbatch failed: {first[-1] if first else type(exc).__name__}") from None
         arrays = sorted({str(j.job_id).split("_")[0] for j in submitted})
         click.echo(f"submitted {len(submitted)} trials as job array(s) {', '.join(arrays)}; "
                    f"logs in {folder.resolve()}")
@@ -348,6 +352,14 @@ def settings():
     """Print every setting a sweep file can fix or sweep over (Markdown table)."""
     click.echo(settings_table())
 
+
+def _register_data_group() -> None:
+    from runner.datacmd import data
+
+    main.add_command(data)
+
+
+_register_data_group()
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ LAUNCHER_OPTIONS: dict[str, Option] = {
     "max_parallel": Option(int, "trials running at once (local) / array parallelism (slurm)", _pos),
     "folder": Option(str, "submitit folder for job logs and pickles (shared filesystem on clusters)"),
     "timeout_min": Option(int, "time limit of one trial in minutes", _pos),
+    "job_name": Option(str, "SLURM job name (default: the sweep's name)"),
     "max_requeues": Option(int, "times a trial may be requeued after reaching its time limit", _nonneg),
     "slurm": Option(dict, "SLURM options, see below"),
 }
