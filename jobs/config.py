@@ -51,7 +51,8 @@ class DatasetConfig:
 
     PRIMARY = "name"
     name: str = _setting("digits", "dataset name", choices=registry_names("jobs.data", "DATASETS"))
-    root: str = _setting("data", "directory holding torchvision-format datasets")
+    root: str = _setting("data", "data root holding torchvision-format datasets; for imagefolder, the "
+                         "train/ + val/ tree itself")
     download: bool = _setting(False, "download missing torchvision datasets (needs internet)")
     train_size: int = _setting(0, "use only the first N training samples (0: all)", check=_non_negative)
     # Added after trial ids were pinned: hashed only when set to a non-default value.
@@ -66,7 +67,7 @@ class ModelConfig:
 
     PRIMARY = "name"
     name: str = _setting("lenet_300_100", "model name", choices=registry_names("jobs.models", "MODELS"))
-    small_stem: bool = _setting(True, "ResNets: 3x3 stride-1 first conv and no max-pool (small images)")
+    small_stem: bool = _setting(True, "resnet18/34/50 and alexnet: small-image stem (3x3 stride-1 first conv, no max-pool)")
     weights: str = _setting("", "initial weights: a state dict or torchvision weights file ('' = random init)",
                             hash_default=False)
     finetune: str = _setting("full", "with weights: train all layers (full) or only the new output layer (head)",
@@ -106,8 +107,9 @@ class PruneConfig:
     rewind: str = _setting("init", "what surviving weights are reset to before retraining",
                            check=(lambda v: bool(re.fullmatch(r"init|none|reinit|(epoch|step):\d+", v)),
                                   "init, none, reinit, epoch:N or step:N"))
-    retrain_epochs: int = _setting(0, "epochs of retraining per pruning level (0: train.epochs)",
-                                   check=_non_negative, hash_default=False)
+    retrain_epochs: int = _setting(-1, "epochs of retraining per pruning level (-1: train.epochs; 0: none, "
+                                   "evaluate right after pruning)", check=(lambda v: v >= -1, ">= -1"),
+                                   hash_default=False)
     scope: str = _setting("all", "which layers are pruned: all, first_conv, layers (prune.layers), "
                           "isolate (one trial per layer)", choices=lambda: ["all", "first_conv", "isolate", "layers"],
                           hash_default=False)

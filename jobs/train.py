@@ -36,7 +36,7 @@ def lr_at(cfg: TrainConfig, epoch: int, epochs: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     if cfg.lr_schedule == "step":  # divide by 10 at 1/2 and 3/4 of the level
-        return cfg.lr * 0.1 ** ((epoch >= epochs // 2) + (epoch >= (3 * epochs) // 4))
+        return cfg.lr * 0.1 ** ((epoch >= max(1, epochs // 2)) + (epoch >= max(1, (3 * epochs) // 4)))
     return cfg.lr
 
 

@@ -9,6 +9,7 @@ MLflow run, and its numbers equal those of an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import random
@@ -24,10 +25,12 @@ from torch.nn.utils import prune
 from jobs.checkpoint import Checkpoint, rng_state, set_rng_state
 from jobs.config import TrialConfig, from_flat
 from jobs.data import load_dataset
-from jobs.measure import dense_flops, evaluate, latency_ms_per_sample, serialized_size, sparsity
+from jobs.measure import (compression, dense_flops, evaluate, latency, latency_ms_per_sample, layer_stats,
+                          peak_memory_bytes, quant_error, serialized_size, sparse_size, sparsity,
+                          weight_histograms)
 from jobs.models import build_model, prunable_parameters
 from jobs.pruning import REWINDS, level_amount, parse_rewind, prune_level
-from jobs.quantization import quantize
+from jobs.quantization import QuantData, layer_weights, quantize
 from jobs.task import TrialJob
 from jobs.tracking import TrialRun
 from jobs.train import lr_at, make_loader, resolve_device, train
@@ -62,6 +65,25 @@ class TrialResult:
     tables: dict[str, Any] = field(default_factory=dict)
 
 
+def float_row(model, level: int, input_shape, test_loader, device, flops: int, seconds: float) -> dict:
+    """The measurements of one level's trained float model."""
+    return {"level": level, "stage": "float", **evaluate(model, test_loader, device), **sparsity(model),
+            **{k: v for k, v in compression(model, input_shape).items() if k != "flops"}, "flops": flops,
+            "train_time_s": seconds, "size_bytes": serialized_size(model), "sparse_size_bytes": sparse_size(model),
+            **peak_memory_bytes(device)}
+
+
+def quant_row(model, qmodel, mode: str, level: int, input_shape, test_loader, flops: int) -> dict:
+    """The measurements of the quantized final model, and its error against the float one."""
+    weights = [w for _, w in layer_weights(qmodel)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {"level": level, "stage": mode, **evaluate(qmodel, test_loader, torch.device("cpu")),
+            "sparsity": zeros / total if total else float("nan"), "flops": flops,
+            "size_bytes": serialized_size(qmodel), "latency_ms": latency_ms_per_sample(qmodel, input_shape),
+            **latency(qmodel, input_shape), **quant_error(model, qmodel, test_loader), **peak_memory_bytes()}
+
+
 def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
             checkpoint: Checkpoint | None = None, on_curve: Callable[[list[dict]], None] = lambda c: None
             ) -> TrialResult:
@@ -85,7 +107,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     start_level, start_epoch, optimizer_state, elapsed = 0, 0, None, 0.0
     if state is not None:
         init_state, rewind_state = state["init_state"], state["rewind_state"]
-        result.rows, result.curves = state["rows"], state["curves"]
+        result.rows, result.curves, result.tables = state["rows"], state["curves"], state["tables"]
         start_level, start_epoch = state["level"], state["epoch"]
         optimizer_state, elapsed = state["optimizer"], state["seconds"]
         if state["masked"]:
@@ -96,6 +118,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
         if checkpoint is not None:
             checkpoint.save({"level": level, "epoch": epoch, "rows": result.rows, "curves": result.curves,
+                             "tables": result.tables,
                              "model": model.state_dict(), "init_state": init_state, "rewind_state": rewind_state,
                              "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
                              "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -103,7 +126,8 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
 
     def fresh_state(level: int) -> dict:
         torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
-        return build_model(cfg.model, data.input_shape, data.num_classes).state_dict()
+        random_init = dataclasses.replace(cfg.model, weights="")  # the control is random, never the file
+        return build_model(random_init, data.input_shape, data.num_classes).state_dict()
 
     def capture(now: int, unit: str) -> None:
         nonlocal rewind_state
@@ -120,7 +144,8 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
             torch.manual_seed(derive_seed(cfg.seed, "prune", level))  # random pruning draws
             prune_level(model, cfg.prune, amount)
             REWINDS[kind](model, rewind_state, lambda: fresh_state(level))
-        epochs = cfg.train.epochs if level == 0 else (cfg.prune.retrain_epochs or cfg.train.epochs)
+        retrain = cfg.prune.retrain_epochs
+        epochs = cfg.train.epochs if level == 0 or retrain < 0 else retrain
 
         def end_of_epoch(epoch, loss, optimizer, seconds, level=level, epochs=epochs):
             accuracy = evaluate(model, test_loader, device)["accuracy"]
@@ -138,22 +163,26 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                         on_step=(lambda step: capture(step, "step")) if level == 0 else None,
                         elapsed=elapsed if resuming else 0.0)
         on_curve([point for point in result.curves if point["level"] == level])
-        row = {"level": level, "stage": "float", **evaluate(model, test_loader, device),
-               **sparsity(model), "flops": flops, "train_time_s": seconds, "size_bytes": serialized_size(model)}
+        row = float_row(model, level, data.input_shape, test_loader, device, flops, seconds)
+        stats = layer_stats(model, data.input_shape).assign(level=level)
+        result.tables["layers.csv"] = result.tables.get("layers.csv", []) + stats.to_dict("records")
         if level == levels:
             model.to("cpu")
-            row["latency_ms"] = latency_ms_per_sample(model, data.input_shape)
+            row.update(latency_ms=latency_ms_per_sample(model, data.input_shape), **latency(model, data.input_shape))
+            result.tables["weight_histograms.csv"] = weight_histograms(model).assign(stage="float").to_dict("records")
         result.rows.append(row)
         on_row(row)
         save(level + 1, 0)
 
     if cfg.quant.mode != "none":
         calibration = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
-        qmodel = quantize(model.to("cpu"), cfg.quant, calibration)
-        cpu = torch.device("cpu")
-        row = {"level": levels, "stage": cfg.quant.mode, **evaluate(qmodel, test_loader, cpu),
-               "flops": flops, "size_bytes": serialized_size(qmodel),
-               "latency_ms": latency_ms_per_sample(qmodel, data.input_shape)}
+        quant_data = QuantData(calibration=calibration, train_loader=loader, train_cfg=cfg.train, device=device,
+                               epoch_seed=lambda epoch: derive_seed(cfg.seed, "qat", epoch))
+        qmodel = quantize(model.to("cpu"), cfg.quant, quant_data)
+        row = quant_row(model, qmodel, cfg.quant.mode, levels, data.input_shape, test_loader, flops)
+        result.tables["weight_histograms.csv"] = (result.tables.get("weight_histograms.csv", []) +
+                                                  weight_histograms(qmodel).assign(stage=cfg.quant.mode)
+                                                  .to_dict("records"))
         result.rows.append(row)
         on_row(row)
     return result

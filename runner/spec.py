@@ -200,6 +200,12 @@ def _rules(chk: _Checker, raw, name: str) -> list[dict[str, list]]:
     return rules
 
 
+def _without(rules: list[dict[str, list]], keys: set[str]) -> list[dict[str, list]]:
+    """--set wins everywhere: overridden settings leave the include rules (emptied rules go)."""
+    trimmed = [{k: v for k, v in rule.items() if k not in keys} for rule in rules]
+    return [rule for rule in trimmed if rule]
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Parse ``--set key=value`` strings (values are YAML) into pairs."""
     out = []
@@ -296,7 +302,8 @@ def validate(raw: Any, source: str, lines: dict[tuple, int], overrides: list[str
 
     return SweepSpec(source=source, name=name.strip(), description=raw.get("description") or "",
                      tracking=raw.get("tracking"), axes=axes, fixed=fixed_values,
-                     include=_rules(chk, raw.get("include"), "include"),
+                     include=_without(_rules(chk, raw.get("include"), "include"),
+                                      {key for key, _ in parse_overrides(list(overrides))}),
                      exclude=_rules(chk, raw.get("exclude"), "exclude"), launcher=launcher, lines=lines)
 
 

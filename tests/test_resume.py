@@ -18,7 +18,7 @@ class Preempted(BaseException):
 
 
 def numbers(rows):
-    return [{k: v for k, v in r.items() if k not in ("train_time_s", "latency_ms")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("train_time", "latency", "peak_"))} for r in rows]
 
 
 def interrupt_after(level, stage="float"):

@@ -15,7 +15,7 @@ from runner.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
-SETTING_NAMES = "dataset, dataset.download, dataset.root"  # the start of the allowed settings list
+SETTING_NAMES = "dataset, dataset.augment, dataset.download, dataset.normalize, dataset.root"  # the start of the allowed settings list
 
 
 def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
@@ -94,7 +94,7 @@ CASES = [
     ("unknown-exclude", "name: t\ngrid:\n  seed: [0, 1]\nexclude:\n  - seed: 0\n  - sed: 1\n", 6, "exclude[1].sed",
      ["unknown setting 'sed'", "(did you mean 'seed'?)"]),
     ("unknown-launcher", "name: t\nlauncher:\n  executor: local\n  max_paralel: 2\n", 4, "launcher.max_paralel",
-     ["unknown launcher option 'max_paralel'", "allowed: executor, folder, max_parallel, max_requeues, slurm, timeout_min",
+     ["unknown launcher option 'max_paralel'", "allowed: executor, folder, job_name, max_parallel, max_requeues, slurm, timeout_min",
       "(did you mean 'max_parallel'?)"]),
     ("unknown-slurm", "name: t\nlauncher:\n  executor: slurm\n  slurm:\n    partion: gpu\n", 5,
      "launcher.slurm.partion", ["unknown slurm option 'partion'", "account, additional_parameters",
@@ -115,7 +115,7 @@ CASES = [
      ["expected true/false, got 1"]),
     ("type-int-for-text", "name: t\nfixed:\n  device: 0\n", 3, "fixed.device", ["expected text, got 0"]),
     ("type-mapping-for-setting", "name: t\nfixed:\n  model: {name: lenet5}\n", 3, "fixed.model",
-     ["expected text", "its options are separate keys: model.small_stem"]),
+     ["expected text", "its options are separate keys: model.channels, model.finetune"]),
     ("type-axis-scalar", "name: t\ngrid:\n  quant: static\n", 3, "grid.quant",
      ["an axis needs a list of values, got 'static'"]),
     ("type-axis-null", "name: t\ngrid:\n  quant:\n", 3, "grid.quant", ["an axis needs a list of values, got None"]),
@@ -146,16 +146,16 @@ CASES = [
     ("empty-rule", "name: t\ninclude:\n  - {}\n", 3, "include[0]", ["empty rule; give at least one setting"]),
     # -- registry names
     ("unknown-dataset", "name: t\nfixed:\n  dataset: mnsit\n", 3, "fixed.dataset",
-     ["unknown value 'mnsit'", "allowed: cifar10, digits, mnist, synthetic", "(did you mean 'mnist'?)"]),
+     ["unknown value 'mnsit'", "allowed: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, synthetic", "(did you mean 'mnist'?)"]),
     ("unknown-model", "name: t\ngrid:\n  model: [lenet5, lenet_300]\n", 3, "grid.model[1]",
-     ["unknown value 'lenet_300'", "allowed: lenet5, lenet_300_100, resnet18", "(did you mean 'lenet_300_100'?)"]),
+     ["unknown value 'lenet_300'", "allowed: alexnet, conv2, conv4, conv6, lenet5, lenet_300_100, resnet18", "(did you mean 'lenet_300_100'?)"]),
     ("unknown-prune-method", "name: t\ngrid:\n  prune.method: [l1_globl]\n", 3, "grid.prune.method[0]",
-     ["unknown value 'l1_globl'", "allowed: l1_global, l1_local, random_global, random_local",
+     ["unknown value 'l1_globl'", "allowed: l1_global, l1_local, ln_structured, random_global, random_local",
       "(did you mean 'l1_global'?)"]),
     ("unknown-rewind", "name: t\nfixed:\n  prune:\n    rewind: initial\n", 4, "fixed.prune.rewind",
-     ["unknown value 'initial'", "allowed: init, none, reinit", "(did you mean 'init'?)"]),
+     ["'initial' is not allowed", "must be init, none, reinit, epoch:N or step:N"]),
     ("unknown-quant", "name: t\ngrid:\n  quant: [none, statc]\n", 3, "grid.quant[1]",
-     ["unknown value 'statc'", "allowed: dynamic, none, static", "(did you mean 'static'?)"]),
+     ["unknown value 'statc'", "allowed: dynamic, dynamic_fp16, none, qat, static, w1, w10", "(did you mean 'static'?)"]),
     ("unknown-optimizer", "name: t\nfixed:\n  train.optimizer: adamw\n", 3, "fixed.train.optimizer",
      ["unknown value 'adamw'", "allowed: adam, sgd"]),
     ("unknown-executor", "name: t\nlauncher:\n  executor: slrum\n", 3, "launcher.executor",
