@@ -142,3 +142,16 @@ def test_exclude_matches_defaults_and_rejects_rules_matching_nothing():
     with pytest.raises(SpecError, match=r"exclude\[0\]: this rule matches no grid point"):
         expand(bad)
 
+
+
+def test_isolate_expands_into_one_trial_per_layer():
+    s = spec(grid={"prune.scope": ["all", "isolate"]},
+             fixed={"model": "lenet5", "prune.ratio": 0.5, "prune.ignore": "11"})
+    _, trials = expand(s)
+    isolated = [t for t in trials if t.config.prune.scope == "layers"]
+    # lenet5 has 5 prunable layers (2 convs, 3 linears); the ignored one gets no trial
+    assert len(isolated) == 4 and len(trials) == 5
+    assert sorted(t.config.prune.layers for t in isolated) == ["0", "3", "7", "9"]
+    assert all(t.name.endswith(f"layers={t.config.prune.layers}") for t in isolated)
+    dense = spec(grid={"prune.scope": ["isolate"]}, fixed={"model": "lenet5", "prune.ratio": 0})
+    assert len(expand(dense)[1]) == 1  # nothing to isolate without pruning
