@@ -114,6 +114,19 @@ def sweep_folder(spec) -> Path:
     return Path(spec.launcher.get("folder", Path(".submitit") / slug))
 
 
+def _statuses(file, overrides, launcher_overrides, tracking_uri):
+    """Load the sweep and the state of each of its trials: (spec, uri, trials, statuses, note)."""
+    from runner.grid import expand
+    from runner.status import trial_statuses
+    from runner.store import resolve_uri
+
+    spec = _load(file, overrides, launcher_overrides)
+    uri = resolve_uri(tracking_uri, spec.tracking)
+    _, trials = expand(spec)
+    statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
+    return spec, uri, trials, statuses, note
+
+
 launcher_option = click.option("--launcher", "launcher_overrides", multiple=True, metavar="KEY=VALUE",
                                help="Override a launcher option, e.g. timeout_min=30 or slurm.partition=gpu. "
                                     "Repeatable.")
@@ -135,17 +148,12 @@ launcher_option = click.option("--launcher", "launcher_overrides", multiple=True
 @spec_errors
 def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, launcher_overrides, tracking_uri):
     """Run every trial of a sweep that has not finished and is not queued or running."""
-    from runner.grid import expand
-    from runner.status import ACTIVE, trial_statuses
-    from runner.store import resolve_uri
+    from runner.status import ACTIVE
 
-    spec = _load(file, overrides, launcher_overrides)
-    uri = resolve_uri(tracking_uri, spec.tracking)
+    spec, uri, trials, statuses, note = _statuses(file, overrides, launcher_overrides, tracking_uri)
     executor = executor or spec.launcher.get("executor", "local")
     max_parallel = max_parallel or spec.launcher.get("max_parallel", 2)
     folder = sweep_folder(spec)
-    _, trials = expand(spec)
-    statuses, note = trial_statuses(trials, spec.name, uri, folder)
     wanted = ("failed", "cancelled") if retry_failed else ("not submitted", "failed", "cancelled")
     todo = [st.trial for st in statuses if st.state in wanted]
     n_done = sum(st.state == "finished" for st in statuses)
@@ -216,14 +224,9 @@ def status(file, fmt, overrides, launcher_overrides, tracking_uri):
     """Show each trial's state from the tracking store and the scheduler."""
     from collections import Counter
 
-    from runner.grid import expand
-    from runner.status import STATES, trial_statuses
-    from runner.store import resolve_uri
+    from runner.status import STATES
 
-    spec = _load(file, overrides, launcher_overrides)
-    uri = resolve_uri(tracking_uri, spec.tracking)
-    _, trials = expand(spec)
-    statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
+    spec, _, _, statuses, note = _statuses(file, overrides, launcher_overrides, tracking_uri)
     rows = [{"trial_id": st.trial.id, "name": st.trial.name, "state": st.state, "job_id": st.job_id,
              "elapsed": st.elapsed, "last_level": st.last_level, "error": st.error, "log": st.log}
             for st in statuses]
@@ -259,17 +262,12 @@ def status(file, fmt, overrides, launcher_overrides, tracking_uri):
 def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
     """Cancel the sweep's queued and running SLURM jobs (or only some trials')."""
     from runner import scheduler
-    from runner.grid import expand
-    from runner.status import ACTIVE, trial_statuses
-    from runner.store import resolve_uri
+    from runner.status import ACTIVE
 
-    spec = _load(file, overrides, launcher_overrides)
-    uri = resolve_uri(tracking_uri, spec.tracking)
-    _, trials = expand(spec)
+    spec, _, trials, statuses, _ = _statuses(file, overrides, launcher_overrides, tracking_uri)
     unknown = set(trial_ids) - {t.id for t in trials}
     if unknown:
         raise click.ClickException(f"not trials of {spec.name}: {', '.join(sorted(unknown))}")
-    statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
     chosen = [st for st in statuses if st.state in ACTIVE and st.job_id and (not trial_ids or st.trial.id in trial_ids)]
     if not chosen:
         click.echo("nothing queued or running to cancel")

@@ -73,7 +73,9 @@ def job_states(job_ids: list[str], since: float | None = None) -> tuple[dict[str
         note = "sacct unavailable: states of jobs that left the queue are unknown"
     # squeue is authoritative for what is still queued or running.
     proc = _run(["squeue", "-h", "-r", "-o", "%i|%T|%M", "-j", ",".join(parents)])
-    if proc is not None and proc.returncode == 0:
+    # Jobs that left the controller make squeue fail with "Invalid job id": none is queued.
+    gone = proc is not None and "invalid job id" in proc.stderr.lower()
+    if proc is not None and (proc.returncode == 0 or gone):
         for line in proc.stdout.splitlines():
             parts = line.split("|")
             if len(parts) >= 3:

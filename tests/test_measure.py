@@ -12,18 +12,10 @@ from jobs.measure import (compression, dense_flops, evaluate, latency, layer_sta
 from jobs.models import build_model, prunable_parameters
 from jobs.quantization import quantize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = 10
 SMALL = (1, 8, 8)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread buys nothing, and on a busy machine spinning OpenMP
-    # threads slow these tests down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:

@@ -13,18 +13,10 @@ from jobs.models import build_model, prunable_parameters
 from jobs.quantization import QUANT_MODES, QuantData, fake_quantize_weight, layer_weights, quantize
 from jobs.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = 10
 SMALL = (1, 8, 8)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread buys nothing, and on a busy machine spinning OpenMP
-    # threads slow these tests down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 INT8_MODES = {"dynamic", "static", "qat"}
 WEIGHT_ONLY = sorted(m for m in QUANT_MODES if m.startswith("w"))
 
