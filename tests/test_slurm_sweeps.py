@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from jobs.config import from_flat
+from jobs.config import SETTINGS, from_flat
 from jobs.trial import execute
 from runner import scheduler
 from runner.cli import main
@@ -125,7 +125,7 @@ def test_arrays_are_chunked_under_max_array_size(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     arrays = result.output.split("job array(s) ")[1].split(";")[0].split(", ")
     assert len(arrays) == 2  # 4 trials in arrays of at most 3
-    jobs = [json.loads(line)["job_id"] for line in (tmp_path / "submitit-chunks" / "jobs.jsonl").read_text().split()]
+    jobs = [json.loads(line)["job_id"] for line in (tmp_path / "submitit-chunks" / "jobs.jsonl").read_text().splitlines()]
     assert sorted(j.split("_")[0] for j in jobs) == sorted([arrays[0]] * 3 + [arrays[1]])
     assert "finished 4, skipped 0, failed 0" in result.output
 
@@ -249,11 +249,12 @@ def test_32_concurrent_trials_into_one_sqlite_store(tmp_path):
     assert len(found) == 32 and len({r.data.tags["trial_id"] for r in found}) == 32
     for run in found:
         assert run.info.status == "FINISHED"
-        assert len(run.data.params) == 21
+        assert len(run.data.params) == len(SETTINGS)
         for key in ("accuracy", "loss", "sparsity", "nonzero_params", "flops", "train_time_s", "size_bytes"):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2, 3], key
         assert [m.step for m in client.get_metric_history(run.info.run_id, "quant.accuracy")] == [3]
-        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json", "results.csv"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [
+            "config.json", "curves.csv", "layers.csv", "results.csv", "weight_histograms.csv"]
     # They really ran at once: at some instant all 32 array tasks were running.
     array = found[0].data.tags["slurm_job_id"]
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j", array, "--parsable2"],
