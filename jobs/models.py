@@ -199,9 +199,14 @@ def prunable_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
 
 
+def named_prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Qualified names and modules of the prunable layers, in the order of ``prunable_parameters``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the prunable layers, in the order of ``prunable_parameters``."""
-    return [name for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    return [name for name, _ in named_prunable(model)]
 
 
 def first_conv(model: nn.Module) -> str:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from jobs.config import PruneConfig
+from jobs.models import first_conv, named_prunable  # noqa: F401  (named_prunable re-exported)
 
 Params = list[tuple[nn.Module, str]]
 
@@ -62,11 +63,6 @@ PRUNE_METHODS: dict[str, Callable[[Params, float, PruneConfig], None]] = {
 LOCAL_EQUIVALENT = {"l1_global": "l1_local", "random_global": "random_local"}
 
 
-def named_prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Qualified names and modules of every Linear and Conv2d, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -88,10 +84,7 @@ def pruned_layers(model: nn.Module, cfg: PruneConfig) -> list[tuple[str, nn.Modu
     layers = named_prunable(model)
     names = [n for n, _ in layers]
     if cfg.scope == "first_conv":
-        convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
-        if not convs:
-            raise ValueError("prune.scope first_conv: the model has no convolution")
-        chosen = convs[:1]
+        chosen = [first_conv(model)]
     elif cfg.scope in ("layers", "isolate"):
         chosen = _names(cfg.layers)
         unknown = [n for n in chosen if n not in names]
