@@ -79,6 +79,44 @@ class TrialRun:
         retry(self.client.log_batch, self.run_id, metrics=metrics, tags=tags)
         self.logged.add((prefix + "accuracy", step))
 
+    def log_rows(self, rows: list[dict[str, Any]],
+                 prefix_for: Callable[[dict[str, Any]], str] = lambda row: "" if row["stage"] == "float" else "quant.",
+                 ) -> None:
+        """Log several results rows like ``log_row`` each, packed into as few ``log_batch`` calls as MLflow allows."""
+        # MLflow refuses a batch of more than 1000 entities (metrics + tags); one is kept for last_level.
+        limit = 999
+        now = int(time.time() * 1000)
+        batch: list[Metric] = []
+        markers: list[tuple[str, int]] = []
+        last: int | None = None
+
+        def flush() -> None:
+            nonlocal batch, markers, last
+            tags = [RunTag("last_level", str(last))] if last is not None else []
+            if batch or tags:
+                retry(self.client.log_batch, self.run_id, metrics=batch, tags=tags)
+            # Marked only once written, so a batch that failed for good is not skipped on a retry.
+            self.logged.update(markers)
+            batch, markers, last = [], [], None
+
+        for row in rows:
+            prefix, step = prefix_for(row), int(row["level"])
+            marker = (prefix + "accuracy", step)
+            if marker in self.logged or marker in markers:
+                continue
+            metrics = [Metric(prefix + k, float(v), now, step)
+                       for k, v in row.items() if k != "level" and _number(v)]
+            if len(batch) + len(metrics) > limit:
+                flush()
+            while len(metrics) > limit:  # a single row of over 999 values has to be split
+                batch, metrics = metrics[:limit], metrics[limit:]
+                flush()
+            batch += metrics
+            markers.append(marker)
+            if not prefix:
+                last = step
+        flush()
+
     def log_curve(self, points: list[dict[str, Any]]) -> None:
         """Log one level's per-epoch curve (``epoch.*`` metrics, step = epoch count) in one batch."""
         now = int(time.time() * 1000)
