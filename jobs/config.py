@@ -93,6 +93,15 @@ class TrainConfig:
     weight_decay: float = _setting(0.0, "L2 weight decay", check=_non_negative)
     lr_schedule: str = _setting("constant", "learning-rate schedule, restarted on every level",
                                 choices=lambda: ["constant", "cosine", "step"], hash_default=False)
+    # Values avoid on/off: YAML 1.1 reads those as booleans.
+    amp: str = _setting("auto", "mixed precision of float training: auto (bf16 on GPUs that support it, else "
+                        "fp16; float32 on the CPU), bf16, fp16 (with loss scaling) or none (float32)",
+                        choices=lambda: ["auto", "bf16", "fp16", "none"], hash_default=False)
+    channels_last: str = _setting("auto", "channels-last memory format in training (auto: on the GPU for "
+                                  "models with convolutions)", choices=lambda: ["always", "auto", "never"],
+                                  hash_default=False)
+    compile: bool = _setting(False, "torch.compile the model for training (compiling costs time per level)",
+                             hash_default=False)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ one function returning a ``DataBundle`` plus one line in ``DATASETS``. ``dataset
 standardises inputs to roughly zero mean and unit variance (the dataset's published
 statistics), so the same learning rates and quantization calibration behave comparably;
 ``dataset.augment`` adds the dataset's standard training augmentation, never to the test split.
+Every dataset but imagefolder is held in memory as tensors (``jobs.batches.ImageTensors`` or a
+``TensorDataset``), normalised once; ``jobs.train.make_loader`` batches those on the device.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import functools
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from jobs.batches import Augment, ImageTensors
 from jobs.config import DatasetConfig
 
 
@@ -105,22 +108,36 @@ class _Spec:
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]
     num_classes: int
-    augment: Callable[[Any], list]  # torchvision.transforms -> training-only transforms
-
-
-def _crop(size: int, padding: int, flip: bool) -> Callable[[Any], list]:
-    return lambda T: [T.RandomCrop(size, padding=padding), *([T.RandomHorizontalFlip()] if flip else [])]
+    padding: int  # augment: random crop back to size after this much zero (black) padding
+    flip: bool  # augment: random horizontal flip as well
 
 
 # Digits and clothes get no flips: a mirrored 2 or 7 (or shoe) is not the same class's image.
 _TORCHVISION: dict[str, _Spec] = {
-    "mnist": _Spec("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10, _crop(28, 2, flip=False)),
-    "fashion_mnist": _Spec("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10, _crop(28, 2, flip=False)),
+    "mnist": _Spec("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10, padding=2, flip=False),
+    "fashion_mnist": _Spec("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10, padding=2, flip=False),
     "cifar10": _Spec("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (3, 32, 32), 10,
-                     _crop(32, 4, flip=True)),
+                     padding=4, flip=True),
     "cifar100": _Spec("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), (3, 32, 32), 100,
-                      _crop(32, 4, flip=True)),
+                      padding=4, flip=True),
 }
+
+
+def _as_tensors(split, cfg: DatasetConfig, spec: _Spec, train: bool) -> ImageTensors:
+    """A loaded torchvision split as normalised float tensors, converted once for the whole split."""
+    pixels = torch.as_tensor(split.data)  # uint8: MNIST-style (N, H, W), CIFAR-style (N, H, W, C)
+    pixels = pixels[:, None] if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2)
+    # The same operations as ToTensor then Normalize, in the same order: the same float values.
+    x = pixels.contiguous().float().div(255)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    if cfg.normalize:
+        x = x.sub(mean).div(std)
+    augment = None
+    if train and cfg.augment:
+        black = tuple(((0 - mean) / std).flatten().tolist()) if cfg.normalize else (0.0,) * len(spec.mean)
+        augment = Augment(spec.padding, spec.flip, black)
+    return ImageTensors(x, torch.as_tensor(split.targets, dtype=torch.long), augment)
 
 
 def _missing_advice(name: str, root: str) -> str:
@@ -134,15 +151,13 @@ def _torchvision(cfg: DatasetConfig, spec: _Spec) -> DataBundle:
     # Imported here: torchvision adds more than a second on top of torch, and the offline
     # datasets (and listing the registry) never need it.
     import torchvision
-    from torchvision import transforms as T
 
     cls = getattr(torchvision.datasets, spec.cls_name)
     splits = []
     for train in (True, False):
-        pre = spec.augment(T) if train and cfg.augment else []
         try:
-            splits.append(cls(root=cfg.root, train=train, download=cfg.download,
-                              transform=_compose(pre, cfg, spec.mean, spec.std)))
+            # No transform: the split is converted to tensors once and augmented on whole batches.
+            splits.append(_as_tensors(cls(root=cfg.root, train=train, download=cfg.download), cfg, spec, train))
         except RuntimeError as e:
             # torchvision signals a missing (or md5-mismatched) dataset only through this
             # message; any other RuntimeError is a different problem and must surface as is.
