@@ -28,9 +28,11 @@ FLAG_COLUMNS = ["seeds", "failed", "failed_trials", "missing_seeds", "flag"]
 class UnknownName(ValueError):
     """An axis, metric, level or stage the frame does not have; the message lists what it has."""
 
-    def __init__(self, kind: str, got: object, allowed: Iterable[object]):
-        self.kind, self.got, self.allowed = kind, got, [str(a) for a in allowed]
-        super().__init__(f"unknown {kind} '{got}'; allowed: {', '.join(self.allowed)}")
+    def __init__(self, kind: str, got: object, choices: Iterable[object]):
+        from runner.errors import allowed
+
+        self.kind, self.got, self.allowed = kind, got, [str(a) for a in choices]
+        super().__init__(f"unknown {kind} '{got}'; {allowed(self.allowed, got)}")
 
 
 def describe(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
@@ -146,12 +148,19 @@ def _seed_text(seeds: Iterable) -> str:
 
 
 def seed_flags(table: pd.DataFrame, by: Sequence[str], planned: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per group of ``by`` over trials: finished seeds, failed trials, missing seeds and a flag text."""
+    """Per group of ``by`` over trials: finished seeds, failed trials, missing seeds and a flag text.
+
+    ``planned`` (trial_id, sweep and settings of every trial the sweep files plan) adds the
+    trials never run; a sweep without a plan expects every seed it has anywhere.
+    """
     table = trials(table)
+    planned_sweeps: set = set()
     if planned is not None and len(planned):
+        planned_sweeps = set(planned["sweep"])
         table = pd.concat([table, planned[~planned["trial_id"].isin(table["trial_id"])]
                            .assign(status="MISSING")], ignore_index=True)
-    sweep_seeds = table.groupby("sweep")[SEED].agg(set).to_dict() if "sweep" in table else {}
+    # Without a plan, a seed axis is assumed to cross every other setting of its sweep.
+    sweep_seeds = {s: set(g[SEED]) for s, g in table.groupby("sweep") if s not in planned_sweeps}
     by = list(by)
     groups = table.groupby(by, dropna=False, sort=False) if by else [((), table)]
     out = []
@@ -159,16 +168,12 @@ def seed_flags(table: pd.DataFrame, by: Sequence[str], planned: pd.DataFrame | N
         key = key if isinstance(key, tuple) else (key,)
         done = part[part["status"] == FINISHED]
         failed = part[part["status"] == FAILED]
-        if planned is not None:
-            expected = set(part[SEED])
-        else:
-            expected = set().union(*(sweep_seeds.get(s, set()) for s in part.get("sweep", pd.Series([None])).unique()))
-            expected |= set(part[SEED])
+        expected = set(part[SEED]).union(*(sweep_seeds.get(s, set()) for s in part["sweep"].unique()))
         missing = expected - set(done[SEED]) - set(failed[SEED])  # a failed seed is reported as failed
         failed_text = "; ".join(f"{t} (seed {s})" for t, s in zip(failed["trial_id"], failed[SEED]))
         notes = []
         if len(failed):
-            notes.append(f"{len(failed)} failed, not averaged: {failed_text}")
+            notes.append(f"{len(failed)} failed (not averaged): {failed_text}")
         if missing:
             notes.append(f"missing seeds {_seed_text(missing)}")
         out.append({**dict(zip(by, key)), "seeds": _seed_text(done[SEED]), "failed": len(failed),

@@ -29,6 +29,10 @@ QUANT_COLUMNS: list[tuple[str, str, Callable[[pd.DataFrame], pd.Series]]] = [
     ("top1_agreement_pct", "Top-1 agreement [%]", lambda r: 100 * r["top1_agreement"]),
 ]
 
+LABELS = {"version": " ", **{c: label for c, label, _ in QUANT_COLUMNS}, "size_reduction_x": "Size reduction [×]",
+          "speedup_x": "Latency speed-up [×]", "accuracy_pct": "Accuracy [%]", "remaining_pct": "Weights left [%]",
+          "point_ratio": "prune.ratio", "ratio_pct": "Layer pruned [%]", "macs_nonzero": "Nonzero MACs"}
+
 
 def _with(rows: pd.DataFrame, columns: Sequence[tuple[str, str, Callable]]) -> pd.DataFrame:
     rows = rows.copy()
@@ -203,25 +207,37 @@ def _cell(value, std=None) -> str:
         if std is not None and not (isinstance(std, float) and math.isnan(std)):
             text += f" ± {std:.2g}"
         return text
-    return str(value).replace("|", "\\|")
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def display(table: pd.DataFrame, labels: dict[str, str] | None = None, hide: Sequence[str] = ("stage",)
+            ) -> pd.DataFrame:
+    """The table as text cells: ``x_mean`` and ``x_std`` become "x ± std", a lone CI "[low, high]", counts "n"."""
+    labels = {**LABELS, **(labels or {})}
+    stat = re.compile(r"_(std|ci95_low|ci95_high|count)$")
+    means = [c[:-len("_mean")] for c in table.columns if c.endswith("_mean")]
+    counts = [c for c in table.columns if c.endswith("_count")]
+    out: dict[str, list[str]] = {}
+    for column in table.columns:
+        if stat.search(column) or column in hide:
+            continue
+        if column.endswith("_mean"):
+            base = column[:-len("_mean")]
+            out[labels.get(base, base)] = [_cell(m, s) for m, s in zip(table[column], table[base + "_std"])]
+            if len(means) == 1 and base + "_ci95_low" in table:
+                out[f"{labels.get(base, base)} 95% CI"] = [
+                    "NA" if lo != lo else f"[{_cell(lo)}, {_cell(hi)}]"
+                    for lo, hi in zip(table[base + "_ci95_low"], table[base + "_ci95_high"])]
+            if base == means[-1] and counts:
+                out["n"] = [str(int(max([v for v in row if v == v] or [0]))) for row in table[counts].to_numpy()]
+        else:
+            out[labels.get(column, column)] = [_cell(v) for v in table[column]]
+    return pd.DataFrame(out)
 
 
 def to_markdown(table: pd.DataFrame, labels: dict[str, str] | None = None, hide: Sequence[str] = ("stage",)) -> str:
-    """A GitHub Markdown table: ``x_mean`` and ``x_std`` become one "x ± std" column, the CI one "[low, high]"."""
-    labels = {"version": " ", **{c: label for c, label, _ in QUANT_COLUMNS}, **(labels or {})}
-    stat = re.compile(r"_(std|ci95_low|ci95_high|count)$")
-    shown = [c for c in table.columns if not stat.search(c) and c not in hide]
-    intervals = [c[:-len("_mean")] for c in shown if c.endswith("_mean") and c[:-5] + "_ci95_low" in table]
-    counts = [c for c in table.columns if c.endswith("_count")]
-    head = [labels.get(c.removesuffix("_mean"), c.removesuffix("_mean")) for c in shown]
-    head += [f"{labels.get(c, c)} 95% CI" for c in intervals if len(intervals) == 1] + (["n"] if counts else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, row in table.iterrows():
-        cells = [_cell(row[c], row.get(c[:-5] + "_std")) if c.endswith("_mean") else _cell(row[c]) for c in shown]
-        if len(intervals) == 1:
-            low, high = row[intervals[0] + "_ci95_low"], row[intervals[0] + "_ci95_high"]
-            cells.append("NA" if low != low else f"[{_cell(low)}, {_cell(high)}]")
-        if counts:
-            cells.append(str(max([int(row[c]) for c in counts if row[c] == row[c]] or [0])))
-        lines.append("| " + " | ".join(cells) + " |")
+    """A GitHub Markdown table of ``display(table)``."""
+    shown = display(table, labels, hide)
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False, name=None)]
     return "\n".join(lines) + "\n"

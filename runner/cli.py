@@ -357,7 +357,15 @@ def _register_data_group() -> None:
     main.add_command(data)
 
 
+def _register_analysis_commands() -> None:
+    from runner.analysis_cli import report, summary
+
+    main.add_command(summary)
+    main.add_command(report)
+
+
 _register_data_group()
+_register_analysis_commands()
 
 if __name__ == "__main__":
     main()
