@@ -1,21 +1,43 @@
 """MLflow runs → one tidy frame: a row per trial × level × stage, settings and metrics as columns.
 
-The rows come from each run's ``results.csv`` artifact, never from metric histories, so a
-sweep of thousands of runs costs one search plus one small download per trial.
+The rows come from each run's ``results.csv`` artifact, never from metric histories. What
+costs time on a sweep of thousands of runs, and what is done instead (bench/aggregate.py):
+
+* ``search_runs`` turns every param, tag and latest metric of every run into Python objects;
+  on a SQLite store the few run fields needed are read with three SQL queries instead (the
+  client is still used when that fails, and for any other store);
+* ``download_artifacts`` asks the store twice per run and copies the file; an artifact under
+  a local path (``file://`` or a plain path) is read in place, remote ones (an
+  ``mlflow server``'s ``mlflow-artifacts:/``, http, cloud) are downloaded by a thread pool;
+* ``read_csv`` and ``assign`` per run: files with the same header are parsed as one CSV and
+  the settings columns are built once per group of alike runs, then one ``concat``.
+
+The frame is exactly the one the plain per-run loop builds (same columns, order, dtypes and
+values; tests/test_export.py compares them).
 """
 from __future__ import annotations
 
+import io
+import os
+import sqlite3
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import quote, urlparse
+from urllib.request import url2pathname
 
+import numpy as np
 import pandas as pd
 
 from jobs.config import SETTINGS
 from jobs.tracking import RESULTS_ARTIFACT, retry
-from runner.store import find_experiment_id, trial_runs
+from runner.store import find_experiment_id, resolve_uri
 
 ID_COLUMNS = ["sweep", "trial_id", "run_id", "run_name", "status", "error", "level", "stage"]
+DOWNLOAD_THREADS = 8
+_PLACEHOLDER = {"level": None, "stage": None}
 
 
 def _typed(key: str, text: str) -> Any:
@@ -31,39 +53,272 @@ def _typed(key: str, text: str) -> Any:
         return text
 
 
-def _results(client, run_id: str) -> pd.DataFrame | None:
+@dataclass
+class _Run:
+    run_id: str
+    status: str
+    artifact_uri: str
+    tags: dict[str, str]
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _best(runs: Iterable[_Run]) -> dict[str, _Run]:
+    """Per trial, the run ``runner.store.trial_runs`` picks (runs given in start-time order)."""
+    best: dict[str, _Run] = {}
+    for run in runs:
+        tid = run.tags.get("trial_id")
+        if tid and (tid not in best or best[tid].status != "FINISHED"):
+            best[tid] = run
+    return best
+
+
+def _sqlite_path(uri: str) -> str | None:
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return None
+    path = uri[len("sqlite:///"):]
+    return path if path and Path(path).is_file() else None
+
+
+def _runs_sql(path: str, experiment: str) -> tuple[str, dict[str, _Run]] | None:
+    """(experiment id, chosen run per trial) straight from a SQLite store; None if its schema is unexpected."""
+    try:
+        db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return None
+    try:
+        found = db.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        if found is None:
+            return None  # the client's lookup says so, or finds what this query missed
+        exp_id = found[0]
+        # The order search_runs(order_by start_time ASC) returns: nulls last, run id breaks ties.
+        rows = db.execute("SELECT run_uuid, status, artifact_uri FROM runs WHERE experiment_id = ? AND "
+                          "lifecycle_stage = 'active' ORDER BY start_time IS NULL, start_time, run_uuid",
+                          (exp_id,)).fetchall()
+        runs = {rid: _Run(rid, status, uri or "", {}) for rid, status, uri in rows}
+        active = "SELECT run_uuid FROM runs WHERE experiment_id = ? AND lifecycle_stage = 'active'"
+        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({active}) "
+                                          "AND key IN ('trial_id', 'mlflow.runName', 'error')", (exp_id,)):
+            runs[rid].tags[key] = value
+        best = _best(runs.values())
+        chosen = {run.run_id: run for run in best.values()}
+        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({active})",
+                                          (exp_id,)):
+            if rid in chosen:
+                chosen[rid].params[key] = value
+        return str(exp_id), best
+    except (sqlite3.Error, KeyError):  # not the schema we know: let MLflow itself read it
+        return None
+    finally:
+        db.close()
+
+
+def _runs_client(client, exp_id: str) -> dict[str, _Run]:
+    """The chosen run per trial through ``search_runs`` (any store), in pages of MLflow's maximum."""
+    runs, token = [], None
+    while True:
+        page = retry(client.search_runs, [exp_id], max_results=50_000, page_token=token,
+                     order_by=["attributes.start_time ASC"])
+        runs += [_Run(r.info.run_id, r.info.status, r.info.artifact_uri or "", dict(r.data.tags),
+                      dict(r.data.params)) for r in page]
+        token = page.token
+        if not token:
+            return _best(runs)
+
+
+def _local_dir(artifact_uri: str) -> Path | None:
+    """The run's artifact directory if it is a path on this machine, else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def _download(client, run_id: str) -> bytes | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = retry(client.download_artifacts, run_id, RESULTS_ARTIFACT, tmp)
         except Exception:  # a run that died before writing its table
             return None
-        return pd.read_csv(path)
+        return Path(path).read_bytes()
+
+
+def _tables(uri: str, runs: list[_Run], local: bool) -> list[bytes | None]:
+    """Each run's results.csv as bytes (None when it has none)."""
+    out: list[bytes | None] = [None] * len(runs)
+    remote = []
+    for i, run in enumerate(runs):
+        folder = _local_dir(run.artifact_uri) if local else None
+        if folder is None or not folder.is_dir():  # remote, or a server's path not mounted here
+            remote.append(i)
+            continue
+        try:
+            out[i] = (folder / RESULTS_ARTIFACT).read_bytes()
+        except FileNotFoundError:
+            pass
+    if remote:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(remote))) as pool:
+            for i, blob in zip(remote, pool.map(lambda i: _download(client, runs[i].run_id), remote)):
+                out[i] = blob
+    return out
+
+
+def _split(blob: bytes | None) -> tuple[bytes, bytes] | None:
+    """(header line, body) of a CSV, or None when it has no data rows."""
+    if not blob:
+        return None
+    cut = blob.find(b"\n")
+    if cut < 0 or not blob[cut + 1:].strip():
+        return None
+    body = blob[cut + 1:]
+    return blob[:cut + 1], body if body.endswith(b"\n") else body + b"\n"
+
+
+def _simple(body: bytes) -> bool:
+    """One data row per line: then rows can be counted, and files parsed together."""
+    return b'"' not in body and b"\r" not in body and b"\n\n" not in body
+
+
+def _read_group(header: bytes, bodies: list[bytes]) -> list[pd.DataFrame] | pd.DataFrame:
+    """Parse the tables of one header as one CSV, or each alone when one parse could type columns differently."""
+    if all(_simple(b) for b in bodies):
+        counts = [b.count(b"\n") for b in bodies]
+        frame = pd.read_csv(io.BytesIO(header + b"".join(bodies)))
+        # A text column holding number-like values or gaps would have been typed per file.
+        texts = [c for c in frame.columns if frame[c].dtype.kind not in "biufcmM"]
+        if len(frame) == sum(counts) and all(
+                frame[c].notna().all() and not pd.to_numeric(frame[c], errors="coerce").notna().any()
+                for c in texts):
+            return frame
+    return [pd.read_csv(io.BytesIO(header + b)) for b in bodies]
+
+
+def _dtype_of(value: Any):
+    """The dtype ``DataFrame.assign(column=value)`` gives a column."""
+    return pd.DataFrame(index=[0]).assign(v=value)["v"].dtype
+
+
+def _frame(uri: str, experiment: str, sql: bool = True, local: bool = True) -> pd.DataFrame:
+    """``runs_frame`` with its shortcuts switchable: SQL run lookup, in-place artifact reads."""
+    path = _sqlite_path(uri) if sql else None
+    found = _runs_sql(path, experiment) if path else None
+    if found is None:
+        from mlflow.tracking import MlflowClient
+
+        exp_id = find_experiment_id(uri, experiment)
+        if exp_id is None:
+            raise LookupError(f"no experiment named '{experiment}' in {uri}")
+        best = _runs_client(MlflowClient(uri), exp_id)
+    else:
+        best = found[1]
+    order = sorted(best)
+    runs = [best[tid] for tid in order]
+    if not runs:
+        return pd.DataFrame(columns=ID_COLUMNS)
+    blobs = _tables(uri, runs, local)
+
+    # Runs alike in table header and in the keys and types of their identity and settings
+    # columns make one group: built as the per-run loop would build each of them.
+    typed_cache: dict[tuple[str, str], Any] = {}
+    groups: dict[tuple, list[int]] = {}
+    attrs: list[dict[str, Any]] = []
+    splits = []
+    for i, (tid, run) in enumerate(zip(order, runs)):
+        settings = {}
+        for k, v in sorted(run.params.items()):
+            t = typed_cache.get((k, v))
+            if t is None:
+                t = typed_cache[(k, v)] = _typed(k, v)
+            settings[k] = t
+        values = {"sweep": experiment, "trial_id": tid, "run_id": run.run_id,
+                  "run_name": run.tags.get("mlflow.runName", ""), "status": run.status,
+                  "error": run.tags.get("error"), **settings}
+        attrs.append(values)
+        split = _split(blobs[i])
+        splits.append(split)
+        key = (split[0] if split else None, tuple((k, type(v)) for k, v in values.items()))
+        groups.setdefault(key, []).append(i)
+
+    dtypes: dict[tuple[str, type], Any] = {}
+    parts, positions = [], []
+    for (header, signature), members in groups.items():
+        if header is None:
+            tables = [pd.DataFrame([_PLACEHOLDER]) for _ in members]
+        else:
+            tables = _read_group(header, [splits[i][1] for i in members])
+        if isinstance(tables, pd.DataFrame):
+            table = tables
+            lengths = [splits[i][1].count(b"\n") for i in members]
+        else:
+            lengths = [len(t) for t in tables]
+            table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+        rows_of = np.repeat(np.arange(len(members)), lengths)
+        columns = {}
+        for key, kind in signature:
+            dtype = dtypes.get((key, kind))
+            if dtype is None:
+                dtype = dtypes[(key, kind)] = _dtype_of(attrs[members[0]][key])
+            per_run = pd.Series([attrs[i][key] for i in members], dtype=dtype)
+            columns[key] = per_run.take(rows_of).reset_index(drop=True)
+        parts.append(table.assign(**columns))
+        positions.append(np.repeat(np.asarray(members), lengths))
+    frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    # Back to one run after the other, each run's rows in file order.
+    frame = frame.iloc[np.argsort(np.concatenate(positions), kind="stable")].reset_index(drop=True)
+    return _ordered(frame)
+
+
+def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
+    first = [c for c in ID_COLUMNS if c in frame] + [c for c in SETTINGS if c in frame]
+    return frame[first + [c for c in frame.columns if c not in first]]
 
 
 def runs_frame(uri: str, experiment: str) -> pd.DataFrame:
     """Tidy rows of one experiment (sweep) in the store at ``uri``."""
-    from mlflow.tracking import MlflowClient
+    return _frame(uri, experiment)
 
-    exp_id = find_experiment_id(uri, experiment)
-    if exp_id is None:
-        raise LookupError(f"no experiment named '{experiment}' in {uri}")
-    client = MlflowClient(uri)
+
+def load(items: Iterable[str | tuple[str, str]], tracking_uri: str | None = None) -> pd.DataFrame:
+    """Tidy rows of several sweeps in one frame: sweep files, experiment names or (uri, experiment) pairs.
+
+    A sweep file's store is chosen as ``sweep run`` chooses it (``tracking_uri``, then
+    MLFLOW_TRACKING_URI, then its ``tracking``); a bare name is looked up in ``tracking_uri``
+    (or MLFLOW_TRACKING_URI, or ./mlflow.db). Raises LookupError for an unknown experiment.
+    """
     frames = []
-    for tid, run in sorted(trial_runs(uri, exp_id).items()):
-        table = _results(client, run.info.run_id)
-        if table is None or table.empty:
-            table = pd.DataFrame([{"level": None, "stage": None}])
-        settings = {k: _typed(k, v) for k, v in sorted(run.data.params.items())}
-        ident = {"sweep": experiment, "trial_id": tid, "run_id": run.info.run_id,
-                 "run_name": run.data.tags.get("mlflow.runName", ""), "status": run.info.status,
-                 "error": run.data.tags.get("error")}
-        table = table.assign(**ident, **settings)
-        frames.append(table)
-    if not frames:
-        return pd.DataFrame(columns=ID_COLUMNS)
-    frame = pd.concat(frames, ignore_index=True)
-    first = [c for c in ID_COLUMNS if c in frame] + [c for c in SETTINGS if c in frame]
-    return frame[first + [c for c in frame.columns if c not in first]]
+    for item in items:
+        if isinstance(item, tuple):
+            uri, name = item
+        elif Path(item).is_file():
+            from runner.spec import load_spec
+
+            spec = load_spec(item)
+            name, uri = spec.name, resolve_uri(tracking_uri, spec.tracking)
+        else:
+            name, uri = item, resolve_uri(tracking_uri)
+        frames.append(runs_frame(uri, name))
+    filled = [f for f in frames if len(f)]
+    if not filled:
+        return frames[0] if frames else pd.DataFrame(columns=ID_COLUMNS)
+    return _ordered(pd.concat(filled, ignore_index=True) if len(filled) > 1 else filled[0])
+
+
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet columns have one type: a column mixing texts and numbers (a setting such as
+    prune.iterations holding 0 and "none") is written as text, gaps kept."""
+    import pyarrow as pa
+
+    mixed = {}
+    for col in frame.columns[frame.dtypes == object]:
+        try:
+            pa.array(frame[col], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            mixed[col] = frame[col].map(lambda v: v if v is None or v != v else str(v))
+    return frame.assign(**mixed) if mixed else frame
 
 
 def export(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -71,7 +326,7 @@ def export(frame: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
+        _parquet_safe(frame).to_parquet(path, index=False)
     else:
         frame.to_csv(path, index=False)
     return path

@@ -287,24 +287,13 @@ def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
 @spec_errors
 def export(sweeps, output, tracking_uri):
     """Write one tidy row per trial × level × stage for sweep files or experiment names."""
-    import pandas as pd
-
     from analysis.export import export as write
-    from analysis.export import runs_frame
-    from runner.store import resolve_uri
+    from analysis.export import load
 
-    frames = []
-    for item in sweeps:
-        if Path(item).is_file():
-            spec = _load(item)
-            name, uri = spec.name, resolve_uri(tracking_uri, spec.tracking)
-        else:
-            name, uri = item, resolve_uri(tracking_uri)
-        try:
-            frames.append(runs_frame(uri, name))
-        except LookupError as exc:
-            raise click.ClickException(str(exc)) from None
-    frame = pd.concat(frames, ignore_index=True)
+    try:
+        frame = load(sweeps, tracking_uri)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
     path = write(frame, output)
     click.echo(f"wrote {len(frame)} rows ({frame['trial_id'].nunique()} trials) to {path}")
 
