@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.export import runs_frame  # noqa: E402
 from runner.grid import expand  # noqa: E402
-from runner.launch import EXECUTORS, payloads, run_local  # noqa: E402
+from runner.launch import EXECUTORS, packed_jobs, plan_for, run_local  # noqa: E402
 from runner.spec import load_spec  # noqa: E402
 from runner.store import prepare  # noqa: E402
 
@@ -66,8 +66,9 @@ def main() -> None:
         target = prepare(f"sqlite:///{folder}/mlflow.db", spec.name)
         start = time.perf_counter()
         ex = EXECUTORS["debug"](folder / "submitit", {}, 1)
-        summary = run_local(ex, "debug", payloads(trials, target, "debug", folder / "submitit", 1), trials,
-                            target, folder / "submitit", 1)
+        stage_plan = plan_for(trials, "debug", 1, folder / "submitit", {})
+        packed = packed_jobs(stage_plan, trials, target, "debug", folder / "submitit", 1)
+        summary = run_local(ex, "debug", packed, target, folder / "submitit", 1)
         elapsed = time.perf_counter() - start
         frame = runs_frame(target.uri, spec.name)
     if summary.failed:

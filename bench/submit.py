@@ -230,7 +230,7 @@ def ours_in_process(work: Path, uri: str, name: str, axes, trials: int) -> Run:
 
     from runner.cli import sweep_folder
     from runner.grid import expand
-    from runner.launch import EXECUTORS, payloads, submit_slurm
+    from runner.launch import EXECUTORS, packed_jobs, plan_for, submit_slurm
     from runner.spec import load_spec
     from runner.status import trial_statuses
     from runner.store import prepare, resolve_uri
@@ -269,9 +269,10 @@ def ours_in_process(work: Path, uri: str, name: str, axes, trials: int) -> Run:
         t_store = time.perf_counter()
         max_parallel = spec.launcher.get("max_parallel", 2)
         ex = EXECUTORS["slurm"](folder, spec.launcher, max_parallel)
-        jobs = payloads(todo, target, "slurm", folder, max_parallel)
+        stage_plan = plan_for(todo, "slurm", max_parallel, folder, spec.launcher)
+        packed = packed_jobs(stage_plan, todo, target, "slurm", folder, max_parallel)
         t_payloads = time.perf_counter()
-        submitted = submit_slurm(ex, jobs, todo, folder)
+        submitted = [job for job, _ in submit_slurm(ex, packed, stage_plan, folder)]
         t_end = time.perf_counter()
     finally:
         sutils.DelayedSubmission.dump, SlurmExecutor._submit_command = dump, submit_command

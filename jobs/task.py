@@ -33,6 +33,34 @@ class TrialJob:
     tags: dict[str, str] = field(default_factory=dict)
     threads: int | None = None
     checkpoint_dir: str | None = None
+    # Shared stages (jobs.stages): where level states live, which levels to store for others,
+    # and whether to wait for a shared level another process is computing.
+    stage_dir: str | None = None
+    save_levels: tuple[int, ...] = ()
+    wait_for_stages: bool = True
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """Several trials run one after another in one process (one import, one allocation).
+
+    ``token`` names this submission: a requeued pack skips the trials it already ran under the
+    same token, and resumes the interrupted one from its checkpoint.
+    """
+
+    trials: tuple[TrialJob, ...]
+    token: str
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Compute one shared dense stage (level 0) into the stage cache, before its trials start."""
+
+    key: str
+    settings: dict[str, Any]
+    stage_dir: str
+    checkpoint_dir: str
+    threads: int | None = None
 
 
 class TrialTask(submitit.helpers.Checkpointable):
@@ -42,8 +70,12 @@ class TrialTask(submitit.helpers.Checkpointable):
     than submitting the same job again; the new process resumes from the checkpoint.
     """
 
-    def __call__(self, job: TrialJob) -> dict[str, Any]:
-        """Run the trial (see ``jobs.trial.run_trial``)."""
-        from jobs.trial import run_trial
+    def __call__(self, job: TrialJob | PackJob | StageJob) -> dict[str, Any] | list[dict[str, Any]]:
+        """Run the trial, the pack of trials or the stage (see ``jobs.trial``)."""
+        from jobs import trial
 
-        return run_trial(job)
+        if isinstance(job, PackJob):
+            return trial.run_pack(job)
+        if isinstance(job, StageJob):
+            return trial.run_stage(job)
+        return trial.run_trial(job)

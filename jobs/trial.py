@@ -8,18 +8,23 @@ MLflow run, and its numbers equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import json
 import os
 import random
+import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import submitit
 import torch
+from mlflow.entities import Metric, RunTag
 from torch.nn.utils import prune
 
 from jobs.checkpoint import Checkpoint, rng_state, set_rng_state
@@ -31,8 +36,9 @@ from jobs.measure import (compression, dense_flops, evaluate, latency, latency_m
 from jobs.models import build_model, prunable_parameters
 from jobs.pruning import REWINDS, level_amount, parse_rewind, prune_level
 from jobs.quantization import QuantData, layer_weights, quantize
-from jobs.task import TrialJob
-from jobs.tracking import TrialRun
+from jobs.stages import StageCache, level_keys, levels_of
+from jobs.task import PackJob, StageJob, TrialJob
+from jobs.tracking import TrialRun, retry
 from jobs.train import lr_at, make_loader, resolve_device, train
 
 EVAL_BATCH = 256
@@ -84,10 +90,44 @@ def quant_row(model, qmodel, mode: str, level: int, input_shape, test_loader, fl
             **latency(qmodel, input_shape), **quant_error(model, qmodel, test_loader), **peak_memory_bytes()}
 
 
+@dataclass
+class StageUse:
+    """How a trial shares level states with other trials of its sweep (see ``jobs.stages``).
+
+    ``keys``: the trial's level keys; ``save_levels``: levels other trials will reuse, stored
+    after computing them; ``wait``: wait for another process computing a shared level instead
+    of computing it too; ``producer``: who computed an entry (tags of the trials reusing it).
+    """
+
+    cache: StageCache
+    keys: list[str]
+    save_levels: frozenset[int] = frozenset()
+    wait: bool = True
+    producer: dict[str, str] = field(default_factory=dict)
+
+    def deepest(self, first: int) -> int | None:
+        """The deepest level >= ``first`` whose state is already on disk."""
+        return next((k for k in range(len(self.keys) - 1, first - 1, -1) if self.cache.has(self.keys[k])), None)
+
+
+def _final_extras(model, input_shape) -> dict[str, Any]:
+    """The final level's float measurements that only the last level gets (latency, histograms)."""
+    model.to("cpu")
+    return {"row": {"latency_ms": latency_ms_per_sample(model, input_shape), **latency(model, input_shape)},
+            "histograms": weight_histograms(model).assign(stage="float").to_dict("records")}
+
+
 def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
-            checkpoint: Checkpoint | None = None, on_curve: Callable[[list[dict]], None] = lambda c: None
-            ) -> TrialResult:
-    """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands."""
+            checkpoint: Checkpoint | None = None, on_curve: Callable[[list[dict]], None] = lambda c: None,
+            stages: StageUse | None = None,
+            on_reuse: Callable[[list[dict], list[dict], dict], None] = lambda rows, curves, producer: None,
+            until_level: int | None = None) -> TrialResult:
+    """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands.
+
+    With ``stages``, levels already computed by another trial are loaded instead of trained
+    (``on_reuse`` gets their rows and curves) and shared levels are stored once computed.
+    ``until_level`` stops after that level, without quantization (a dense stage job).
+    """
     state = checkpoint.load() if checkpoint else None
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -97,32 +137,41 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     init_state = copy.deepcopy(model.state_dict())
     flops = dense_flops(model, data.input_shape)
-    levels = cfg.prune.iterations if cfg.prune.ratio > 0 else 0
+    levels = levels_of(cfg)
+    last = levels if until_level is None else min(levels, until_level)
     amount = level_amount(cfg.prune.ratio, levels) if levels else 0.0
     kind, at = parse_rewind(cfg.prune.rewind)
     late = levels > 0 and kind in ("epoch", "step") and at > 0
     rewind_state = None if late else init_state
     result = TrialResult()
-
     start_level, start_epoch, optimizer_state, elapsed = 0, 0, None, 0.0
+
+    def restore(saved: dict) -> None:
+        nonlocal init_state, rewind_state
+        init_state, rewind_state = saved["init_state"], saved["rewind_state"]
+        result.rows = copy.deepcopy(saved["rows"])
+        result.curves, result.tables = copy.deepcopy(saved["curves"]), copy.deepcopy(saved["tables"])
+        if saved["masked"] and not any(hasattr(m, "weight_mask") for m in model.modules()):
+            _add_empty_masks(model)
+        model.load_state_dict(saved["model"])
+        set_rng_state(saved["rng"])
+
     if state is not None:
-        init_state, rewind_state = state["init_state"], state["rewind_state"]
-        result.rows, result.curves, result.tables = state["rows"], state["curves"], state["tables"]
+        restore(state)
         start_level, start_epoch = state["level"], state["epoch"]
         optimizer_state, elapsed = state["optimizer"], state["seconds"]
-        if state["masked"]:
-            _add_empty_masks(model)
-        model.load_state_dict(state["model"])
-        set_rng_state(state["rng"])
+
+    def snapshot(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> dict:
+        return {"level": level, "epoch": epoch, "rows": result.rows, "curves": result.curves,
+                "tables": result.tables,
+                "model": model.state_dict(), "init_state": init_state, "rewind_state": rewind_state,
+                "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "seconds": seconds, "rng": rng_state(), "producer": stages.producer if stages else {}}
 
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
         if checkpoint is not None:
-            checkpoint.save({"level": level, "epoch": epoch, "rows": result.rows, "curves": result.curves,
-                             "tables": result.tables,
-                             "model": model.state_dict(), "init_state": init_state, "rewind_state": rewind_state,
-                             "masked": any(hasattr(m, "weight_mask") for m in model.modules()),
-                             "optimizer": None if optimizer is None else optimizer.state_dict(),
-                             "seconds": seconds, "rng": rng_state()})
+            checkpoint.save(snapshot(level, epoch, optimizer, seconds))
 
     def fresh_state(level: int) -> dict:
         torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
@@ -134,47 +183,83 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         if late and kind == unit and now == at:
             rewind_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
+    def reuse(level: int, saved: dict) -> None:
+        restore(saved)
+        if level == levels and until_level is None:
+            # The entry holds the level without its final-only measurements: they come from
+            # the producer's own (stored beside it) or are measured here.
+            key = stages.keys[level]
+            extras = stages.cache.load(key, "final.pt") or _final_extras(model, data.input_shape)
+            result.rows[-1].update(extras["row"])
+            result.tables["weight_histograms.csv"] = extras["histograms"]
+        on_reuse(result.rows, result.curves, {**saved.get("producer", {}), "level": str(level)})
+
     model.to(device)
-    for level in range(start_level, levels + 1):
+    level = start_level
+    while level <= last:
         resuming = level == start_level and start_epoch > 0
-        if level > 0 and not resuming:
-            if rewind_state is None:
-                raise ValueError(f"prune.rewind {cfg.prune.rewind}: the dense training ({cfg.train.epochs} "
-                                 f"epochs, {cfg.train.epochs * len(loader)} steps) never reached it")
-            torch.manual_seed(derive_seed(cfg.seed, "prune", level))  # random pruning draws
-            prune_level(model, cfg.prune, amount)
-            REWINDS[kind](model, rewind_state, lambda: fresh_state(level))
-        retrain = cfg.prune.retrain_epochs
-        epochs = cfg.train.epochs if level == 0 or retrain < 0 else retrain
+        if stages is not None and not resuming:
+            found = stages.deepest(level)
+            if found is not None:
+                reuse(found, stages.cache.load(stages.keys[found]))
+                level = found + 1
+                continue
+        with contextlib.ExitStack() as held:
+            holds = False
+            if stages is not None and not resuming and level in stages.save_levels:
+                holds = held.enter_context(stages.cache.lock(stages.keys[level], stages.wait))
+                saved = stages.cache.load(stages.keys[level]) if holds else None
+                if saved is not None:  # computed by another process while we waited
+                    reuse(level, saved)
+                    level += 1
+                    continue
+            if level > 0 and not resuming:
+                if rewind_state is None:
+                    raise ValueError(f"prune.rewind {cfg.prune.rewind}: the dense training ({cfg.train.epochs} "
+                                     f"epochs, {cfg.train.epochs * len(loader)} steps) never reached it")
+                torch.manual_seed(derive_seed(cfg.seed, "prune", level))  # random pruning draws
+                prune_level(model, cfg.prune, amount)
+                REWINDS[kind](model, rewind_state, lambda: fresh_state(level))
+            retrain = cfg.prune.retrain_epochs
+            epochs = cfg.train.epochs if level == 0 or retrain < 0 else retrain
 
-        def end_of_epoch(epoch, loss, optimizer, seconds, level=level, epochs=epochs):
-            accuracy = evaluate(model, test_loader, device)["accuracy"]
-            result.curves.append({"step": len(result.curves), "level": level, "epoch": epoch, "train_loss": loss,
-                                  "test_accuracy": accuracy, "lr": lr_at(cfg.train, epoch, epochs)})
-            if level == 0:
-                capture(epoch + 1, "epoch")
-            save(level, epoch + 1, optimizer, seconds)
+            def end_of_epoch(epoch, loss, optimizer, seconds, level=level, epochs=epochs):
+                accuracy = evaluate(model, test_loader, device)["accuracy"]
+                result.curves.append({"step": len(result.curves), "level": level, "epoch": epoch,
+                                      "train_loss": loss, "test_accuracy": accuracy,
+                                      "lr": lr_at(cfg.train, epoch, epochs)})
+                if level == 0:
+                    capture(epoch + 1, "epoch")
+                save(level, epoch + 1, optimizer, seconds)
 
-        seconds = train(model, loader, cfg.train, device, epochs=epochs,
-                        start_epoch=start_epoch if resuming else 0,
-                        optimizer_state=optimizer_state if resuming else None,
-                        epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
-                        on_epoch=end_of_epoch,
-                        on_step=(lambda step: capture(step, "step")) if level == 0 else None,
-                        elapsed=elapsed if resuming else 0.0)
-        on_curve([point for point in result.curves if point["level"] == level])
-        row = float_row(model, level, data.input_shape, test_loader, device, flops, seconds)
-        stats = layer_stats(model, data.input_shape).assign(level=level)
-        result.tables["layers.csv"] = result.tables.get("layers.csv", []) + stats.to_dict("records")
-        if level == levels:
-            model.to("cpu")
-            row.update(latency_ms=latency_ms_per_sample(model, data.input_shape), **latency(model, data.input_shape))
-            result.tables["weight_histograms.csv"] = weight_histograms(model).assign(stage="float").to_dict("records")
-        result.rows.append(row)
-        on_row(row)
-        save(level + 1, 0)
+            seconds = train(model, loader, cfg.train, device, epochs=epochs,
+                            start_epoch=start_epoch if resuming else 0,
+                            optimizer_state=optimizer_state if resuming else None,
+                            epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
+                            on_epoch=end_of_epoch,
+                            on_step=(lambda step: capture(step, "step")) if level == 0 else None,
+                            elapsed=elapsed if resuming else 0.0)
+            on_curve([point for point in result.curves if point["level"] == level])
+            row = float_row(model, level, data.input_shape, test_loader, device, flops, seconds)
+            stats = layer_stats(model, data.input_shape).assign(level=level)
+            result.tables["layers.csv"] = result.tables.get("layers.csv", []) + stats.to_dict("records")
+            result.rows.append(row)
+            if holds:
+                stages.cache.save(stages.keys[level], snapshot(level + 1, 0))
+            if level == levels and until_level is None:
+                extras = _final_extras(model, data.input_shape)
+                if holds:
+                    stages.cache.save(stages.keys[level], extras, "final.pt")
+                row.update(extras["row"])
+                result.tables["weight_histograms.csv"] = extras["histograms"]
+            on_row(row)
+            save(level + 1, 0)
+        level += 1
 
-    if cfg.quant.mode != "none":
+    if cfg.quant.mode != "none" and until_level is None:
+        # Reseeded so the quant stage draws the same numbers whether the levels before it were
+        # trained here, resumed from a checkpoint or reused from another trial.
+        seed_everything(derive_seed(cfg.seed, "quant"))
         calibration = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
         quant_data = QuantData(calibration=calibration, train_loader=loader, train_cfg=cfg.train, device=device,
                                epoch_seed=lambda epoch: derive_seed(cfg.seed, "qat", epoch))
@@ -188,12 +273,42 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     return result
 
 
-def run_trial(job: TrialJob) -> dict[str, Any]:
-    """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
+def _threads(job_threads: int | None) -> None:
     # Use the CPUs we were given, not every core of a shared node.
-    threads = job.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
+    threads = job_threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
     if threads:
         torch.set_num_threads(threads)
+
+
+def _stage_use(job: TrialJob, cfg: TrialConfig, producer: dict[str, str]) -> StageUse | None:
+    if not job.stage_dir:
+        return None
+    return StageUse(StageCache(job.stage_dir), level_keys(cfg), frozenset(job.save_levels),
+                    job.wait_for_stages, producer)
+
+
+class _Stopwatch:
+    """Seconds spent inside ``timed`` calls (the trial's tracking time)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, fn: Callable) -> Callable:
+        """``fn``, with its time added to ``seconds``."""
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return wrapper
+
+
+def run_trial(job: TrialJob) -> dict[str, Any]:
+    """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
+    started = time.perf_counter()
+    _threads(job.threads)
+    tracking = _Stopwatch()
     checkpoint = Checkpoint(job.checkpoint_dir) if job.checkpoint_dir else None
     previous = checkpoint.load() if checkpoint else None
     tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto")))}
@@ -201,27 +316,98 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
         if os.environ.get("SLURM_ARRAY_TASK_ID"):
             tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
-    run = TrialRun(job.target, job.trial_id, job.name, job.settings, tags,
-                   resume_run_id=checkpoint.run_id() if checkpoint else None)
+    run = tracking.timed(TrialRun)(job.target, job.trial_id, job.name, job.settings, tags,
+                                   resume_run_id=checkpoint.run_id() if checkpoint else None)
     if checkpoint is not None:
         checkpoint.save_run_id(run.run_id)
     partial = TrialResult(rows=list(previous["rows"]) if previous else [])
+    cfg = from_flat(job.settings)
+    stages = _stage_use(job, cfg, {"trial_id": job.trial_id, "run_id": run.run_id, "name": job.name})
 
+    @tracking.timed
     def on_row(row: dict) -> None:
         partial.rows.append(row)
         run.log_row(row, prefix="" if row["stage"] == "float" else "quant.")
 
+    @tracking.timed
+    def on_reuse(rows: list[dict], curves: list[dict], producer: dict) -> None:
+        # Reused levels land in this run like computed ones, in one batch, tagged with their source.
+        partial.rows[:] = list(rows)
+        run.log_rows(rows)
+        run.log_curve(curves)
+        source = {"reused_levels": "0" if producer["level"] == "0" else f"0-{producer['level']}",
+                  "reused_from": producer.get("trial_id") or producer.get("stage", ""),
+                  "reused_from_run": producer.get("run_id", "")}
+        retry(run.client.log_batch, run.run_id, tags=[RunTag(k, v) for k, v in source.items()])
+
+    def timings() -> dict[str, float]:
+        total = time.perf_counter() - started
+        return {"tracking_time_s": tracking.seconds, "compute_time_s": max(total - tracking.seconds, 0.0)}
+
+    def log_timings(values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        retry(run.client.log_batch, run.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
     try:
-        result = execute(from_flat(job.settings), on_row, checkpoint, on_curve=run.log_curve)
+        result = execute(cfg, on_row, checkpoint, on_curve=tracking.timed(run.log_curve), stages=stages,
+                         on_reuse=on_reuse)
     except Exception as exc:
         text = traceback.format_exc()
+        log_timings(timings(), int(partial.rows[-1]["level"]) if partial.rows else 0)
         run.fail(partial.rows, job.settings, text)
         # Out of time for good: keep the state so that a later `sweep run` resumes it.
         if checkpoint is not None and not isinstance(exc, submitit.core.utils.UncompletedJobError):
             checkpoint.clear()
         return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED",
                 "error": text.strip().splitlines()[-1]}
+    spent = timings()
+    log_timings(spent, levels_of(cfg))
     run.finish(result.rows, job.settings, {"curves.csv": result.curves, **result.tables})
     if checkpoint is not None:
         checkpoint.clear()
-    return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FINISHED", "error": None}
+    return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FINISHED", "error": None, **spent}
+
+
+OUTCOME_FILENAME = "outcome.json"
+
+
+def run_pack(pack: PackJob) -> list[dict[str, Any]]:
+    """Run a pack's trials in order; one failing trial does not stop the others.
+
+    A requeued pack (preemption, time limit) skips the trials it already ran under this
+    submission's token and resumes the interrupted one from its checkpoint.
+    """
+    outcomes = []
+    for job in pack.trials:
+        marker = Path(job.checkpoint_dir or ".") / OUTCOME_FILENAME
+        if job.checkpoint_dir and marker.exists():
+            done = json.loads(marker.read_text())
+            if done.get("token") == pack.token:
+                outcomes.append(done["outcome"])
+                continue
+        try:
+            outcome = run_trial(job)
+        except Exception as exc:  # the store itself failed: this trial could not even be recorded
+            outcome = {"trial_id": job.trial_id, "run_id": None, "status": "FAILED",
+                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        # A trial stopped with its checkpoint kept (out of time) is not done: a requeue resumes it.
+        if job.checkpoint_dir and not Checkpoint(job.checkpoint_dir).path.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"token": pack.token, "outcome": outcome}))
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_stage(job: StageJob) -> dict[str, Any]:
+    """Compute a shared dense stage into the cache (no MLflow run: its trials log it as reused)."""
+    _threads(job.threads)
+    cfg = from_flat(job.settings)
+    cache = StageCache(job.stage_dir)
+    if cache.has(job.key):
+        return {"stage": job.key, "status": "FINISHED", "computed": False}
+    producer = {"stage": job.key, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+    stages = StageUse(cache, level_keys(cfg), frozenset({0}), True, producer)
+    checkpoint = Checkpoint(job.checkpoint_dir)
+    execute(cfg, checkpoint=checkpoint, stages=stages, until_level=0)
+    checkpoint.clear()
+    return {"stage": job.key, "status": "FINISHED", "computed": True}

@@ -169,28 +169,35 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     if not todo:
         click.echo("nothing to do")
         return
-    from runner.launch import EXECUTORS, payloads, run_local, submit_slurm, wait as wait_for
+    from runner.launch import EXECUTORS, packed_jobs, plan_for, run_local, submit_slurm, threads_per_trial
+    from runner.launch import wait as wait_for
     from runner.store import prepare
 
+    stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
+    click.echo(stage_plan.saved())
     target = prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
-    jobs = payloads(todo, target, executor, folder, max_parallel)
+    packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
+                         spec.launcher.get("share_stages", True))
     if executor == "slurm":
         try:
-            submitted = submit_slurm(ex, jobs, todo, folder)
+            submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))
         except Exception as exc:  # sbatch refused (limits, bad partition...): say it in one line
             first = str(exc).strip().splitlines()
             raise click.ClickException(f"sbatch failed: {first[-1] if first else type(exc).__name__}") from None
-        arrays = sorted({str(j.job_id).split("_")[0] for j in submitted})
-        click.echo(f"submitted {len(submitted)} trials as job array(s) {', '.join(arrays)}; "
-                   f"logs in {folder.resolve()}")
+        arrays = sorted({str(j.job_id).split("_")[0] for j, _ in submitted})
+        if stage_plan.stage_jobs:
+            click.echo(f"dense stages first: {len(stage_plan.stage_jobs)} stage job(s); the trials' arrays "
+                       "depend on them")
+        click.echo(f"submitted {len(todo)} trials as job array(s) {', '.join(arrays)}; "
+                   f"{len(submitted)} array task(s); logs in {folder.resolve()}")
         if not wait:
             click.echo(f"follow with: sweep status {file}")
             return
-        summary = _with_progress(len(todo), lambda progress: wait_for(submitted, todo, target, progress))
+        summary = _with_progress(len(todo), lambda progress: wait_for(submitted, target, progress))
     else:
         summary = _with_progress(len(todo), lambda progress: run_local(
-            ex, executor, jobs, todo, target, folder, max_parallel, progress))
+            ex, executor, packed, target, folder, max_parallel, progress))
     click.echo(f"finished {len(summary.finished)}, skipped {len(trials) - len(todo)}, failed {len(summary.failed)}")
     names = {t.id: t.name for t in trials}
     for tid, error in summary.failed.items():

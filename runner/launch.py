@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import submitit
 
-from jobs.task import TrackingTarget
+from jobs.task import PackJob, StageJob, TrackingTarget, TrialJob, TrialTask
 from jobs.tracking import retry
-from jobs.task import TrialJob, TrialTask
 from runner import records, scheduler
 from runner.grid import Trial
+from runner.plan import Pack, StagePlan, default_trials_per_job, plan
 
 DEFAULT_TIMEOUT_MIN = 24 * 60
 DEFAULT_MAX_REQUEUES = 10
@@ -91,11 +92,52 @@ def threads_per_trial(executor: str, max_parallel: int) -> int | None:
 
 
 def payloads(trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
-             max_parallel: int, tags: dict[str, str] | None = None) -> list[TrialJob]:
-    """The picklable job of each trial, with its checkpoint directory under ``folder``."""
+             max_parallel: int, tags: dict[str, str] | None = None,
+             stage_plan: StagePlan | None = None) -> list[TrialJob]:
+    """The picklable job of each trial, with its checkpoint directory (and stage cache) under ``folder``."""
     threads = threads_per_trial(executor, max_parallel)
+    stage_dir = str(stage_folder(folder)) if stage_plan is not None else None
     return [TrialJob(t.id, t.name, t.flat, target, {"executor": executor, **(tags or {})}, threads,
-                     str((folder / "checkpoints" / t.id).resolve())) for t in trials]
+                     str((folder / "checkpoints" / t.id).resolve()), stage_dir=stage_dir,
+                     save_levels=stage_plan.save_levels.get(t.id, ()) if stage_plan else (),
+                     # On SLURM a job waiting on another's lock would hold its GPU idle.
+                     wait_for_stages=executor != "slurm") for t in trials]
+
+
+def stage_folder(folder: Path) -> Path:
+    """Where a sweep's shared level states live (beside its checkpoints)."""
+    return (folder / "stages").resolve()
+
+
+def cached_stages(folder: Path) -> set[str]:
+    """Level keys already in the sweep's stage cache."""
+    root = stage_folder(folder)
+    return {p.name[:-3] for p in root.glob("*.pt") if not p.name.endswith(".final.pt")} if root.exists() else set()
+
+
+def pack_payloads(stage_plan: StagePlan, jobs: list[TrialJob]) -> list[tuple[PackJob, Pack]]:
+    """One PackJob per pack of the plan, tokened so a requeued pack knows what it already ran."""
+    by_id = {j.trial_id: j for j in jobs}
+    token = uuid.uuid4().hex
+    return [(PackJob(tuple(by_id[t.id] for t in pack.trials), f"{token}-{i}"), pack)
+            for i, pack in enumerate(stage_plan.packs)]
+
+
+def plan_for(trials: list[Trial], executor: str, max_parallel: int, folder: Path,
+             launcher: dict[str, Any]) -> StagePlan:
+    """The stage plan of the trials to run, from the launcher options (trials_per_job, share_stages)."""
+    per_job = launcher.get("trials_per_job") or default_trials_per_job(executor, len(trials), max_parallel)
+    if not launcher.get("share_stages", True):
+        return plan(trials, per_job, shared=False)
+    return plan(trials, per_job, cached=cached_stages(folder), stage_jobs=executor == "slurm")
+
+
+def packed_jobs(stage_plan: StagePlan, trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
+                max_parallel: int, share_stages: bool = True) -> list[tuple[PackJob, Pack]]:
+    """The payloads of the plan's packs, ready to submit."""
+    jobs = payloads(trials, target, executor, folder, max_parallel,
+                    stage_plan=stage_plan if share_stages else None)
+    return pack_payloads(stage_plan, jobs)
 
 
 def mark_lost(target: TrackingTarget, trial_id: str, error: str) -> None:
@@ -110,79 +152,112 @@ def mark_lost(target: TrackingTarget, trial_id: str, error: str) -> None:
         retry(client.set_terminated, run.info.run_id, "FAILED")
 
 
-def _collect(job, trial: Trial, target: TrackingTarget, summary: Summary) -> None:
+def _collect(job, pack: Pack, target: TrackingTarget, summary: Summary,
+             progress: Callable[[Trial, str], None]) -> None:
     try:
-        outcome = job.result()
-    except Exception as exc:  # the job process itself died
+        outcomes = job.result()
+    except Exception as exc:  # the job process itself died: trials it finished before stay finished
+        from runner.store import finished_trials
+
         text = str(exc).strip()
         message = text.splitlines()[-1] if text else type(exc).__name__
-        mark_lost(target, trial.id, message)
-        summary.failed[trial.id] = message
+        done = finished_trials(target.uri, target.sweep)
+        for trial in pack.trials:
+            if trial.id in done:
+                summary.finished.append(trial.id)
+            else:
+                mark_lost(target, trial.id, message)
+                summary.failed[trial.id] = message
+            progress(trial, "failed" if trial.id in summary.failed else "finished")
         return
-    if outcome["status"] == "FINISHED":
-        summary.finished.append(trial.id)
-    else:
-        summary.failed[trial.id] = outcome["error"]
+    by_id = {o["trial_id"]: o for o in (outcomes if isinstance(outcomes, list) else [outcomes])}
+    for trial in pack.trials:
+        outcome = by_id.get(trial.id, {"status": "FAILED", "error": "the job returned no outcome for it"})
+        if outcome["status"] == "FINISHED":
+            summary.finished.append(trial.id)
+        else:
+            summary.failed[trial.id] = outcome["error"]
+        progress(trial, "failed" if trial.id in summary.failed else "finished")
 
 
-def submit_slurm(ex: submitit.Executor, jobs: list[TrialJob], trials: list[Trial], folder: Path) -> list:
-    """Submit as job arrays of at most MaxArraySize tasks; record which job runs which trial."""
+def _records(job, pack: Pack, executor: str) -> list[records.JobRecord]:
+    return [records.record_for(job, t.id, t.name, executor) for t in pack.trials]
+
+
+def submit_slurm(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], stage_plan: StagePlan,
+                 folder: Path, threads: int | None = None) -> list[tuple[Any, Pack]]:
+    """Submit stage jobs, then the packs as job arrays depending on them; record who runs what.
+
+    Arrays stay under MaxArraySize. A pack needing a dense stage waits for that stage's
+    array task (``afterany``: if the stage failed, the pack computes it itself).
+    """
     chunk = scheduler.max_array_size()
-    submitted = []
-    for start in range(0, len(jobs), chunk):
+    stage_ids: dict[str, str] = {}
+    stages = [StageJob(key, trial.flat, str(stage_folder(folder)),
+                       str((folder / "checkpoints" / f"stage-{key}").resolve()), threads)
+              for key, trial in stage_plan.stage_jobs.items()]
+    for start in range(0, len(stages), chunk):
         with ex.batch():
-            part = [ex.submit(TrialTask(), job) for job in jobs[start:start + chunk]]
-        submitted += part
-        records.append(folder, [records.record_for(j, t.id, t.name, "slurm")
-                                for j, t in zip(part, trials[start:start + chunk])])
+            part = [ex.submit(TrialTask(), job) for job in stages[start:start + chunk]]
+        stage_ids.update({job.key: str(sub.job_id) for job, sub in zip(stages[start:start + chunk], part)})
+        records.append(folder, [records.JobRecord(f"stage:{job.key}", f"dense stage {job.key}", str(sub.job_id),
+                                                  "slurm", time.time(), str(sub.paths.stdout), str(sub.paths.stderr))
+                                for job, sub in zip(stages[start:start + chunk], part)])
+    by_needs: dict[tuple[str, ...], list[tuple[PackJob, Pack]]] = {}
+    for item in packed:
+        by_needs.setdefault(tuple(sorted(item[1].needs)), []).append(item)
+    submitted = []
+    for needs, items in by_needs.items():
+        ex.update_parameters(dependency=("afterany:" + ":".join(stage_ids[k] for k in needs)) if needs else None)
+        for start in range(0, len(items), chunk):
+            with ex.batch():
+                part = [ex.submit(TrialTask(), payload) for payload, _ in items[start:start + chunk]]
+            for job, (_, pack) in zip(part, items[start:start + chunk]):
+                records.append(folder, _records(job, pack, "slurm"))
+                submitted.append((job, pack))
+    ex.update_parameters(dependency=None)
     return submitted
 
 
-def wait(submitted: list, trials: list[Trial], target: TrackingTarget,
+def wait(submitted: list[tuple[Any, Pack]], target: TrackingTarget,
          progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
     """Follow submitted jobs until all ended; returns what happened."""
     summary = Summary()
-    pending = list(zip(submitted, trials))
+    pending = list(submitted)
     while pending:
         still = []
-        for job, trial in pending:
+        for job, pack in pending:
             if job.done():
-                _collect(job, trial, target, summary)
-                progress(trial, "failed" if trial.id in summary.failed else "finished")
+                _collect(job, pack, target, summary, progress)
             else:
-                still.append((job, trial))
+                still.append((job, pack))
         if len(still) == len(pending):
             time.sleep(1.0)
         pending = still
     return summary
 
 
-def run_local(ex: submitit.Executor, executor: str, jobs: list[TrialJob], trials: list[Trial],
+def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, Pack]],
               target: TrackingTarget, folder: Path, max_parallel: int,
               progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
-    """Run in this process (debug) or as local processes, at most ``max_parallel`` at once."""
+    """Run packs in this process (debug) or as local processes, at most ``max_parallel`` at once."""
     summary = Summary()
     limit = 1 if executor == "debug" else max_parallel
-    queue = list(zip(jobs, trials))
-    running: list[tuple[Any, Trial]] = []
-
-    def done(job, trial):
-        _collect(job, trial, target, summary)
-        progress(trial, "failed" if trial.id in summary.failed else "finished")
-
+    queue = list(packed)
+    running: list[tuple[Any, Pack]] = []
     try:
         while queue or running:
             while queue and len(running) < limit:
-                payload, trial = queue.pop(0)
+                payload, pack = queue.pop(0)
                 job = ex.submit(TrialTask(), payload)
-                records.append(folder, [records.record_for(job, trial.id, trial.name, executor)])
-                running.append((job, trial))
+                records.append(folder, _records(job, pack, executor))
+                running.append((job, pack))
             still = []
-            for job, trial in running:
+            for job, pack in running:
                 if executor == "debug" or job.done():
-                    done(job, trial)
+                    _collect(job, pack, target, summary, progress)
                 else:
-                    still.append((job, trial))
+                    still.append((job, pack))
             if still and len(still) == len(running):
                 time.sleep(0.2)
             running = still

@@ -35,6 +35,10 @@ LAUNCHER_OPTIONS: dict[str, Option] = {
     "timeout_min": Option(int, "time limit of one trial in minutes", _pos),
     "job_name": Option(str, "SLURM job name (default: the sweep's name)"),
     "max_requeues": Option(int, "times a trial may be requeued after reaching its time limit", _nonneg),
+    "trials_per_job": Option(int, "trials one job runs in sequence, importing once (default: local a few "
+                                  "jobs per slot, slurm 1)", _pos),
+    "share_stages": Option(bool, "compute levels shared by several trials once (dense models, pruning "
+                                 "trajectories); default true"),
     "slurm": Option(dict, "SLURM options, see below"),
 }
 
