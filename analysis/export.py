@@ -125,13 +125,13 @@ def _runs_client(client, exp_id: str) -> dict[str, _Run]:
             return _best(runs)
 
 
-def _local_dir(artifact_uri: str) -> Path | None:
+def _local_dir(artifact_uri: str) -> str | None:
     """The run's artifact directory if it is a path on this machine, else None."""
+    if artifact_uri.startswith("/"):
+        return artifact_uri
     parsed = urlparse(artifact_uri)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(url2pathname(parsed.path))
-    if parsed.scheme == "" and artifact_uri.startswith("/"):
-        return Path(artifact_uri)
+        return url2pathname(parsed.path)
     return None
 
 
@@ -150,13 +150,15 @@ def _tables(uri: str, runs: list[_Run], local: bool) -> list[bytes | None]:
     remote = []
     for i, run in enumerate(runs):
         folder = _local_dir(run.artifact_uri) if local else None
-        if folder is None or not folder.is_dir():  # remote, or a server's path not mounted here
+        if folder is None:
             remote.append(i)
             continue
         try:
-            out[i] = (folder / RESULTS_ARTIFACT).read_bytes()
+            with open(os.path.join(folder, RESULTS_ARTIFACT), "rb") as f:
+                out[i] = f.read()
         except FileNotFoundError:
-            pass
+            if not os.path.isdir(folder):  # a server's artifact path that is not mounted here
+                remote.append(i)
     if remote:
         from mlflow.tracking import MlflowClient
 
@@ -191,7 +193,7 @@ def _read_group(header: bytes, bodies: list[bytes]) -> list[pd.DataFrame] | pd.D
         # A text column holding number-like values or gaps would have been typed per file.
         texts = [c for c in frame.columns if frame[c].dtype.kind not in "biufcmM"]
         if len(frame) == sum(counts) and all(
-                frame[c].notna().all() and not pd.to_numeric(frame[c], errors="coerce").notna().any()
+                frame[c].notna().all() and not pd.to_numeric(pd.Series(frame[c].unique()), errors="coerce").notna().any()
                 for c in texts):
             return frame
     return [pd.read_csv(io.BytesIO(header + b)) for b in bodies]

@@ -249,7 +249,19 @@ def main() -> int:
         prof.runcall(runs_frame, uri, SWEEP)
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
+    from analysis.export import export
+
+    writes = {}
+    for suffix in ("parquet", "csv"):
+        _, writes[suffix] = timed(export, frame, store / f"inprocess.{suffix}")
+    say(f"  writing it in-process: .parquet {writes['parquet']:.2f} s, .csv {writes['csv']:.2f} s")
+
     say("\nours, CLI: sweep export (subprocess)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import runner.cli, analysis.export"], check=True, env=env)
+    imports = time.perf_counter() - start
+    say(f"  Python start-up and imports alone (runner.cli, analysis.export, hence mlflow): {imports:.2f} s")
     cli = {}
     for suffix in ("parquet", "csv"):
         cli[suffix] = cli_export(uri, store / f"export.{suffix}")
@@ -289,6 +301,7 @@ def main() -> int:
     say(f"\nsame values: {len(naive)} rows of {naive['run_id'].nunique()} runs, "
         f"{naive.shape[1] - 3} metric columns, equal in both frames")
     kind = "extrapolated" if extrapolated else "measured"
+    say(f"\nload average while measuring: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     say(textwrap.dedent(f"""
         | path | s for {args.trials} trials x {args.levels} levels | ratio naive / path |
         |---|---|---|
