@@ -109,7 +109,7 @@ class TensorBatches:
         # The DataLoader's worker base seed: drawn (and unused) so the generator's stream stays the same.
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        params = draw(self.augment, n, self.generator) if self.augment is not None else None
+        params = None if self.augment is None else [p.to(self.device) for p in draw(self.augment, n, self.generator)]
         order = order.to(self.device)
         for start in range(0, n, self.batch_size):
             # Unshuffled batches are views; shuffled ones one gather each.
