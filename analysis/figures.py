@@ -174,7 +174,7 @@ def training_curves(frame: pd.DataFrame, curves: dict[str, pd.DataFrame] | None 
     for col, (name, curve) in enumerate(sorted(curves.items())):
         x = curve["step"] + 1
         panels = [("train_loss", "Train loss [cross-entropy]", 1), ("test_accuracy", ACCURACY, 100),
-                  ("lr", "Learning rate", 1)]
+                  ("lr", "Learning rate [unitless]", 1)]
         for row, (column, label, scale) in enumerate(panels):
             ax = axes[row, col]
             for level, part in curve.groupby("level"):

@@ -86,8 +86,11 @@ pre{background:#f6f6f6;padding:1em;overflow:auto}.failed{color:#a00}.note{color:
 
 def write_report(frame: pd.DataFrame, out: str | Path, sweep_files: Mapping[str, str] | None = None,
                  curves: Mapping[str, pd.DataFrame] | None = None, stores: list[str] | None = None,
-                 title: str | None = None) -> Path:
-    """Write the figures, tables, the runs table and index.html into ``out``; return the index path."""
+                 title: str | None = None, planned: pd.DataFrame | None = None, prefer: list[str] = ()) -> Path:
+    """Write the figures, tables, the runs table and index.html into ``out``; return the index path.
+
+    ``planned`` and ``prefer`` go to the summary (``analysis.summary.summarize``).
+    """
     from analysis.figures import FIGURES, save
     from analysis.tables import TABLES, to_markdown
 
@@ -106,18 +109,19 @@ def write_report(frame: pd.DataFrame, out: str | Path, sweep_files: Mapping[str,
             skipped.append(f"{name} ({caption})")
             continue
         save(fig, out / f"{name}.png")
-        body.append(f'<h3 id="{name}">{name}</h3><p class="note">{caption}</p>'
+        body.append(f'<h3 id="figure-{name}">{name}</h3><p class="note">{caption}</p>'
                     f'<img src="{name}.png" alt="{name}">')
     if skipped:
         body.append("<p class='note'>Nothing to show in these sweeps for: " + html.escape("; ".join(skipped))
                     + "</p>")
 
     body.append("<h2>Tables</h2>")
-    for make in TABLES.values():
-        for name, table in make(frame).items():
+    for kind, make in TABLES.items():
+        made = make(frame, planned=planned, prefer=prefer) if kind == "summary" else make(frame)
+        for name, table in made.items():
             table.to_csv(out / f"{name}.csv", index=False)
             (out / f"{name}.md").write_text(to_markdown(table))
-            body.append(f'<h3 id="{name}">{name}</h3><p><a href="{name}.csv">CSV</a> · '
+            body.append(f'<h3 id="table-{name}">{name}</h3><p><a href="{name}.csv">CSV</a> · '
                         f'<a href="{name}.md">Markdown</a></p>{_table_html(table)}')
     frame.to_csv(out / "runs.csv", index=False)
     body.append('<p>Every row (trial × level × stage): <a href="runs.csv">runs.csv</a></p>')

@@ -70,15 +70,16 @@ def _splits(table: pd.DataFrame, kept: list[str], column: str) -> bool:
     return bool((table.groupby(kept, dropna=False, sort=False)[column].nunique(dropna=False) > 1).any())
 
 
-def varying_settings(frame: pd.DataFrame, prefer: Sequence[str] = ()) -> list[str]:
+def varying_settings(frame: pd.DataFrame, prefer: Sequence[str] = (), exclude: Iterable[str] = ()) -> list[str]:
     """Settings that vary across trials, except the seed, and except those the others already imply.
 
     Canonical settings move together (``prune.ratio: 0`` makes the method ``none``), so a
     setting that splits no group of the ones kept before it adds only width. ``prefer``
-    (e.g. the sweep file's axes) is tried first.
+    (e.g. the sweep file's axes) is tried first; ``exclude`` is never considered.
     """
     table = trials(frame)
-    candidates = [c for c in [*prefer, *setting_columns(table)] if c in table.columns and c != SEED]
+    skip = {SEED, *exclude}
+    candidates = [c for c in [*prefer, *setting_columns(table)] if c in table.columns and c not in skip]
     kept: list[str] = []
     if "sweep" in table and table["sweep"].nunique() > 1:
         kept.append("sweep")

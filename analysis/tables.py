@@ -73,6 +73,7 @@ def finished(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"] == FINISHED]
 
 
+LINE_ORDER = ["prune.method", "prune.rewind", "prune.iterations"]  # the issue's "method / rewind / schedule"
 PRUNE_VALUES = ["accuracy_pct", "remaining_pct", "theoretical_speedup", "compression_ratio", "macs_nonzero"]
 
 
@@ -89,10 +90,10 @@ def pruning_points(frame: pd.DataFrame) -> pd.DataFrame:
     rows = _with(rows, [(c, c, lambda r, c=c: r[c]) for c in PRUNE_VALUES[2:]])
     pruned = rows[rows["prune.ratio"] > 0]
     face = facets(rows)
-    skip = {*face, "prune.ratio"}
-    lines = [c for c in varying_settings(pruned) if c not in skip and not c.startswith("quant")]
+    quant = [c for c in setting_columns(rows) if c.startswith("quant")]
+    lines = varying_settings(pruned, prefer=LINE_ORDER, exclude=[*face, "prune.ratio", *quant])
     parts = []
-    for _, line in (pruned.groupby(lines, dropna=False, sort=False) if lines else [((), pruned)]):
+    for _, line in (pruned.groupby(lines, dropna=False, sort=False) if lines else [((), pruned)] * len(pruned[:1])):
         if line["prune.ratio"].nunique() > 1:
             last = line.groupby("trial_id")["level"].transform("max")
             line = line[(line["level"] == last) | (line["level"] == 0)]
@@ -185,9 +186,10 @@ def layer_points(frame: pd.DataFrame) -> pd.DataFrame:
     return seed_mean(both, [*facets(rows), "layer", "ratio_pct"], ["accuracy_pct", "macs_nonzero"])
 
 
-def summary_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The default summary (final accuracy per varying setting) as a table."""
-    return {"summary": summarize(frame)}
+def summary_table(frame: pd.DataFrame, planned: pd.DataFrame | None = None, prefer: Sequence[str] = ()
+                  ) -> dict[str, pd.DataFrame]:
+    """The default summary (final accuracy per varying setting, seed flags) as a table."""
+    return {"summary": summarize(frame, planned=planned, prefer=prefer)}
 
 
 TABLES: dict[str, Callable[[pd.DataFrame], dict[str, pd.DataFrame]]] = {

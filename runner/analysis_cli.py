@@ -170,7 +170,7 @@ def report(sweeps, output, trial_ids, tracking_uri):
         raise click.ClickException(f"not trials of {', '.join(data.uris)}: {', '.join(unknown)}")
     curves = curves_for(data.frame, data.uris, list(trial_ids) or choose_trials(data.frame))
     index = write_report(data.frame, output, sweep_files=data.files, curves=curves,
-                         stores=sorted(set(data.uris.values())))
+                         stores=sorted(set(data.uris.values())), planned=data.planned, prefer=data.axes)
     page = index.read_text()
     figures, tables = page.count("<img "), page.count('.md">Markdown')
     click.echo(f"wrote {figures} figures and {tables} tables; open {index}")
