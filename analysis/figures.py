@@ -13,6 +13,7 @@ from typing import Callable
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.tables import bits_points, facets, layer_points, pruning_points
 
@@ -86,6 +87,10 @@ def _pruning_figure(frame: pd.DataFrame, x: str, xlabel: str, title: str, log: b
                     linestyle="none")
         if log:
             ax.set_xscale("log")
+            # 1-2-5 ticks as plain numbers: "20" reads better than "2 x 10^1" on a % axis
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if reverse:
             ax.invert_xaxis()
         ax.set(xlabel=xlabel, ylabel=ACCURACY, title=_title(columns, key))

@@ -59,15 +59,19 @@ def load(sweeps, tracking_uri) -> Loaded:
 
     loaded, frames, planned = Loaded(frame=None), [], []
     for item in sweeps:
-        if Path(item).is_file():
-            spec = load_spec(item)
-            name, uri = spec.name, resolve_uri(tracking_uri, spec.tracking)
+        spec = load_spec(item) if Path(item).is_file() else None
+        name = spec.name if spec else item
+        uri = resolve_uri(tracking_uri, spec.tracking if spec else None)
+        if loaded.uris.get(name) == uri:
+            continue  # named twice (a file and its experiment name): its runs once
+        if name in loaded.uris:
+            raise click.ClickException(f"sweep '{name}' given from two stores ({loaded.uris[name]}, {uri}); "
+                                       "its rows could not be told apart")
+        if spec is not None:
             loaded.files[item] = Path(item).read_text()
             trials = expand(spec)[1]
             planned += [{"sweep": name, "trial_id": t.id, "run_name": t.name, **t.flat} for t in trials]
             loaded.axes += [k for t in trials[:1] for k in t.axes]
-        else:
-            name, uri = item, resolve_uri(tracking_uri)
         if not store_exists(uri):
             raise click.ClickException(f"no tracking store at {uri} (has '{name}' been run?)")
         try:

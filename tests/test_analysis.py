@@ -229,6 +229,29 @@ def test_sweep_summary_command(store, tmp_path):
     assert "latency_ms_mean" in pd.read_parquet(tmp_path / "s.parquet")
 
 
+def test_several_sweeps_combine_into_one_summary(store, tmp_path):
+    path, uri, _, frame, _ = store
+    other = tmp_path / "other.yaml"
+    other.write_text(textwrap.dedent(f"""\
+        name: tiny-other
+        tracking: {uri}
+        grid:
+          seed: [0, 1]
+        fixed: {{dataset: digits, dataset.train_size: 128, model: lenet_300_100, train.epochs: 1}}
+        launcher: {{folder: {tmp_path}/submitit}}
+        """))
+    assert CliRunner().invoke(main, ["run", str(other), "--executor", "debug"]).exit_code == 0
+    # a file and the same sweep by name count once
+    result = CliRunner().invoke(main, ["summary", str(path), str(other), NAME, "--tracking-uri", uri,
+                                       "-o", str(tmp_path / "both.csv")])
+    assert result.exit_code == 0, result.output
+    both = pd.read_csv(tmp_path / "both.csv")
+    assert both.columns[0] == "sweep" and set(both["sweep"]) == {NAME, "tiny-other"}
+    mine = both[both["sweep"] == NAME]
+    assert mine["accuracy_count"].sum() + mine["failed"].sum() == frame["trial_id"].nunique()
+    assert both.loc[both["sweep"] == "tiny-other", "accuracy_count"].tolist() == [2]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--by", "prune.ratio,bogus"], "error: --by: unknown axis 'bogus'; allowed: "),
     (["--metric", "acuracy"], "(did you mean 'accuracy'?)"),
