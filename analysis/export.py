@@ -18,6 +18,7 @@ values; tests/test_export.py compares them).
 from __future__ import annotations
 
 import io
+import json
 import os
 import sqlite3
 import tempfile
@@ -101,10 +102,16 @@ def _runs_sql(path: str, experiment: str) -> tuple[str, dict[str, _Run]] | None:
             runs[rid].tags[key] = value
         best = _best(runs.values())
         chosen = {run.run_id: run for run in best.values()}
-        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({active})",
-                                          (exp_id,)):
-            if rid in chosen:
-                chosen[rid].params[key] = value
+        try:  # one JSON object per run: parsed in C, not one Python step per param
+            for rid, blob in db.execute(f"SELECT run_uuid, json_group_object(key, value) FROM params "
+                                        f"WHERE run_uuid IN ({active}) GROUP BY run_uuid", (exp_id,)):
+                if rid in chosen:
+                    chosen[rid].params = json.loads(blob)
+        except sqlite3.OperationalError:  # SQLite built without JSON functions
+            for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({active})",
+                                              (exp_id,)):
+                if rid in chosen:
+                    chosen[rid].params[key] = value
         return str(exp_id), best
     except (sqlite3.Error, KeyError):  # not the schema we know: let MLflow itself read it
         return None
@@ -129,6 +136,8 @@ def _local_dir(artifact_uri: str) -> str | None:
     """The run's artifact directory if it is a path on this machine, else None."""
     if artifact_uri.startswith("/"):
         return artifact_uri
+    if artifact_uri.startswith("file:///"):  # the usual case, without parsing each URI
+        return url2pathname(artifact_uri[len("file://"):])
     parsed = urlparse(artifact_uri)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
         return url2pathname(parsed.path)
@@ -222,36 +231,24 @@ def _frame(uri: str, experiment: str, sql: bool = True, local: bool = True) -> p
     if not runs:
         return pd.DataFrame(columns=ID_COLUMNS)
     blobs = _tables(uri, runs, local)
+    splits = [_split(b) for b in blobs]
+    headers, _ = pd.factorize(pd.Series([sp[0] if sp else None for sp in splits], dtype=object))
+    columns = _columns(experiment, order, runs)
 
-    # Runs alike in table header and in the keys and types of their identity and settings
-    # columns make one group: built as the per-run loop would build each of them.
-    typed_cache: dict[tuple[str, str], Any] = {}
-    groups: dict[tuple, list[int]] = {}
-    attrs: list[dict[str, Any]] = []
-    splits = []
-    for i, (tid, run) in enumerate(zip(order, runs)):
-        settings = {}
-        for k, v in sorted(run.params.items()):
-            t = typed_cache.get((k, v))
-            if t is None:
-                t = typed_cache[(k, v)] = _typed(k, v)
-            settings[k] = t
-        values = {"sweep": experiment, "trial_id": tid, "run_id": run.run_id,
-                  "run_name": run.tags.get("mlflow.runName", ""), "status": run.status,
-                  "error": run.tags.get("error"), **settings}
-        attrs.append(values)
-        split = _split(blobs[i])
-        splits.append(split)
-        key = (split[0] if split else None, tuple((k, type(v)) for k, v in values.items()))
-        groups.setdefault(key, []).append(i)
-
-    dtypes: dict[tuple[str, type], Any] = {}
+    # Runs alike in table header and in which identity and settings columns they have, with
+    # which Python types, make one group, built as the per-run loop would build each of them.
+    signature = np.column_stack([headers] + [types for _, types in columns.values()])
+    _, first, group_of = np.unique(signature, axis=0, return_index=True, return_inverse=True)
+    group_of = group_of.ravel()
+    dtypes: dict[tuple[str, int], Any] = {}
     parts, positions = [], []
-    for (header, signature), members in groups.items():
-        if header is None:
+    for g in np.argsort(first, kind="stable"):
+        members = np.flatnonzero(group_of == g)
+        split = splits[members[0]]
+        if split is None:
             tables = [pd.DataFrame([_PLACEHOLDER]) for _ in members]
         else:
-            tables = _read_group(header, [splits[i][1] for i in members])
+            tables = _read_group(split[0], [splits[i][1] for i in members])
         if isinstance(tables, pd.DataFrame):
             table = tables
             lengths = [splits[i][1].count(b"\n") for i in members]
@@ -259,19 +256,52 @@ def _frame(uri: str, experiment: str, sql: bool = True, local: bool = True) -> p
             lengths = [len(t) for t in tables]
             table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
         rows_of = np.repeat(np.arange(len(members)), lengths)
-        columns = {}
-        for key, kind in signature:
+        assigned = {}
+        for key, (values, types) in columns.items():
+            kind = int(types[members[0]])
+            if kind == _ABSENT:
+                continue
             dtype = dtypes.get((key, kind))
             if dtype is None:
-                dtype = dtypes[(key, kind)] = _dtype_of(attrs[members[0]][key])
-            per_run = pd.Series([attrs[i][key] for i in members], dtype=dtype)
-            columns[key] = per_run.take(rows_of).reset_index(drop=True)
-        parts.append(table.assign(**columns))
-        positions.append(np.repeat(np.asarray(members), lengths))
+                dtype = dtypes[(key, kind)] = _dtype_of(values[members[0]])
+            assigned[key] = pd.Series(values[members], dtype=dtype).array.take(rows_of)
+        parts.append(table.assign(**assigned))
+        positions.append(np.repeat(members, lengths))
     frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     # Back to one run after the other, each run's rows in file order.
     frame = frame.iloc[np.argsort(np.concatenate(positions), kind="stable")].reset_index(drop=True)
     return _ordered(frame)
+
+
+_ABSENT = -1
+_TYPE_CODES: dict[type, int] = {}
+
+
+def _type_codes(values: list) -> np.ndarray:
+    return np.fromiter((_TYPE_CODES.setdefault(type(v), len(_TYPE_CODES)) for v in values), dtype=np.int64,
+                       count=len(values))
+
+
+def _columns(experiment: str, order: list[str], runs: list[_Run]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Identity and settings columns in the per-run loop's order: per run, the value and its type's code."""
+    ident = {"sweep": [experiment] * len(runs), "trial_id": order, "run_id": [r.run_id for r in runs],
+             "run_name": [r.tags.get("mlflow.runName", "") for r in runs], "status": [r.status for r in runs],
+             "error": [r.tags.get("error") for r in runs]}
+    out = {}
+    for key, values in ident.items():
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        out[key] = (array, _type_codes(values))
+    raw = pd.DataFrame.from_records([r.params for r in runs])
+    for key in sorted(raw.columns):
+        # Typed once per distinct text, not once per run.
+        codes, texts = pd.factorize(raw[key].astype(object))
+        typed = [_typed(key, t) for t in texts]
+        array = np.empty(len(typed) + 1, dtype=object)
+        array[:len(typed)] = typed
+        kinds = np.append(_type_codes(typed), _ABSENT)
+        out[key] = (array[codes], kinds[codes])  # code -1: the run has no such param
+    return out
 
 
 def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
