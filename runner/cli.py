@@ -86,8 +86,15 @@ def plan(file, fmt, overrides, tracking_uri):
     spec = _load(file, overrides)
     uri = resolve_uri(tracking_uri, spec.tracking)
     size, trials, rows = _plan_rows(spec, uri)
+    from runner.launch import plan_for
+
+    executor = spec.launcher.get("executor", "local")
+    todo = [t for t, r in zip(trials, rows) if not r["finished"]]
+    stage_plan = plan_for(todo, executor, spec.launcher.get("max_parallel", 2), sweep_folder(spec), spec.launcher)
     if fmt == "json":
-        click.echo(json.dumps({"sweep": spec.name, "grid_size": size, "trials": rows}, indent=2))
+        click.echo(json.dumps({"sweep": spec.name, "grid_size": size, "trials": rows,
+                               "work": {**stage_plan.work, "jobs": len(stage_plan.packs),
+                                        "stage_jobs": len(stage_plan.stage_jobs)}}, indent=2))
         return
     if fmt == "csv":
         import pandas as pd
@@ -104,6 +111,7 @@ def plan(file, fmt, overrides, tracking_uri):
     for row in rows:
         table.add_row(*(("yes" if v else "no") if k == "finished" else str(v) for k, v in row.items()))
     _console().print(table)
+    click.echo(f"{len(todo)} trials to run on '{executor}': {stage_plan.saved()}")
 
 
 def sweep_folder(spec) -> Path:
@@ -276,14 +284,26 @@ def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
     if unknown:
         raise click.ClickException(f"not trials of {spec.name}: {', '.join(sorted(unknown))}")
     chosen = [st for st in statuses if st.state in ACTIVE and st.job_id and (not trial_ids or st.trial.id in trial_ids)]
-    if not chosen:
+    stages = [] if trial_ids else _active_stage_jobs(sweep_folder(spec))
+    if not chosen and not stages:
         click.echo("nothing queued or running to cancel")
         return
-    ok, message = scheduler.cancel([st.job_id for st in chosen])
+    ok, message = scheduler.cancel([st.job_id for st in chosen] + stages)
     if not ok:
         raise click.ClickException(f"scancel failed: {message}")
     for st in chosen:
         click.echo(f"cancelled {st.trial.id} {st.trial.name} (job {st.job_id})")
+    if stages:
+        click.echo(f"cancelled {len(stages)} dense stage job(s)")
+
+
+def _active_stage_jobs(folder: Path) -> list[str]:
+    """Job ids of the sweep's dense stage jobs (see runner/plan.py) still queued or running."""
+    from runner import records, scheduler
+
+    ids = [r.job_id for r in records.latest(folder).values() if r.trial_id.startswith("stage:")]
+    states, _ = scheduler.job_states(ids) if ids else ({}, None)
+    return [j for j in ids if states.get(j, {}).get("state") in scheduler.ACTIVE]
 
 
 @main.command()

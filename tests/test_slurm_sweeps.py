@@ -263,3 +263,46 @@ def test_32_concurrent_trials_into_one_sqlite_store(tmp_path):
     assert len(spans) == 32
     latest_start, earliest_end = max(s for s, _ in spans), min(e for _, e in spans)
     assert latest_start < earliest_end, "not all 32 tasks overlapped"
+
+
+SHARED = """\
+grid:
+  prune.ratio: [0.5, 0.8]
+  quant: [none, dynamic]
+fixed:
+  dataset: synthetic
+  dataset.train_size: 64
+  train.epochs: 2
+  prune.iterations: 2
+  seed: 3
+"""
+
+
+def _sacct_spans(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End,State", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split("|")[0]: tuple(line.split("|")[1:]) for line in out.splitlines() if line.strip()}
+
+
+def test_a_shared_dense_model_is_a_stage_job_the_trials_arrays_depend_on(tmp_path):
+    path = write(tmp_path, "stages", SHARED)
+    proc = sweep("run", str(path), "--wait", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dense stages first: 1 stage job(s)" in proc.stdout
+    assert "level stages: 5 to train (naive 12)" in proc.stdout
+    assert "finished 4, skipped 0, failed 0" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "submitit-stages" / "jobs.jsonl").read_text().splitlines()]
+    stage = next(r for r in records if r["trial_id"].startswith("stage:"))
+    trials = [r for r in records if not r["trial_id"].startswith("stage:")]
+    assert len(trials) == 4 and len({r["job_id"] for r in trials}) == 2  # one array task per trajectory
+    spans = _sacct_spans([stage["job_id"].split("_")[0]] + sorted({r["job_id"].split("_")[0] for r in trials}))
+    assert spans[stage["job_id"]][2] == "COMPLETED"
+    stage_end = spans[stage["job_id"]][1]
+    for record in trials:  # the dependency held: no trial job started before the stage ended
+        assert spans[record["job_id"]][0] >= stage_end, (record, spans)
+    _, found = runs(path, "stages")
+    assert sorted(r.info.status for r in found) == ["FINISHED"] * 4
+    key = stage["trial_id"].split(":", 1)[1]
+    reused = sorted(r.data.tags.get("reused_levels") for r in found)
+    assert reused == ["0", "0", "0-2", "0-2"]  # the dense model from the stage job; each trajectory once
+    assert {r.data.tags["reused_from"] for r in found if r.data.tags["reused_levels"] == "0"} == {key}
