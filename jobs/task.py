@@ -50,6 +50,9 @@ class PackJob:
 
     trials: tuple[TrialJob, ...]
     token: str
+    # Lanes run at the same time in one allocation (indices into ``trials``, each lane in
+    # order, on its own share of the cores and its own GPU); one lane: all in sequence.
+    lanes: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     tracking = _Stopwatch()
     checkpoint = Checkpoint(job.checkpoint_dir) if job.checkpoint_dir else None
     previous = checkpoint.load() if checkpoint else None
-    tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto")))}
+    tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto"))),
+            "torch_threads": str(torch.get_num_threads())}
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
         if os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -371,12 +372,44 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 OUTCOME_FILENAME = "outcome.json"
 
 
+def _lane_devices(lanes: int) -> list[str | None]:
+    """The GPU each lane sees (CUDA_VISIBLE_DEVICES), round-robin over the allocation's GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible else (
+        [str(i) for i in range(torch.cuda.device_count())])
+    return [gpus[i % len(gpus)] if gpus else None for i in range(lanes)]
+
+
+def _run_lane(pack: PackJob, gpu: str | None, threads: int) -> list[dict[str, Any]]:
+    """One lane of a pack, in its own process: its GPU, its share of the cores."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before this process touches CUDA
+    trials = tuple(dataclasses.replace(job, threads=threads) for job in pack.trials)
+    return run_pack(PackJob(trials, pack.token))
+
+
+def _run_lanes(pack: PackJob) -> list[dict[str, Any]]:
+    """Run the pack's lanes at the same time; outcomes in the pack's order."""
+    import multiprocessing
+
+    slots = pack.trials[0].threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or os.cpu_count() or 1
+    threads = max(1, slots // len(pack.lanes))
+    lanes = [PackJob(tuple(pack.trials[i] for i in lane), pack.token) for lane in pack.lanes]
+    # spawn: a forked child would inherit torch's thread pools and CUDA state from this process.
+    with multiprocessing.get_context("spawn").Pool(len(lanes)) as pool:
+        results = pool.starmap(_run_lane, zip(lanes, _lane_devices(len(lanes)), [threads] * len(lanes)))
+    by_id = {o["trial_id"]: o for lane in results for o in lane}
+    return [by_id[job.trial_id] for job in pack.trials]
+
+
 def run_pack(pack: PackJob) -> list[dict[str, Any]]:
-    """Run a pack's trials in order; one failing trial does not stop the others.
+    """Run a pack's trials in order (or its lanes at the same time); one failing trial does not stop the others.
 
     A requeued pack (preemption, time limit) skips the trials it already ran under this
     submission's token and resumes the interrupted one from its checkpoint.
     """
+    if len(pack.lanes) > 1:
+        return _run_lanes(pack)
     outcomes = []
     for job in pack.trials:
         marker = Path(job.checkpoint_dir or ".") / OUTCOME_FILENAME

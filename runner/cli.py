@@ -186,7 +186,7 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     target = prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
-                         spec.launcher.get("share_stages", True))
+                         spec.launcher.get("share_stages", True), spec.launcher.get("trials_at_once", 1))
     if executor == "slurm":
         try:
             submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))

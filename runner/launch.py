@@ -115,11 +115,26 @@ def cached_stages(folder: Path) -> set[str]:
     return {p.name[:-3] for p in root.glob("*.pt") if not p.name.endswith(".final.pt")} if root.exists() else set()
 
 
-def pack_payloads(stage_plan: StagePlan, jobs: list[TrialJob]) -> list[tuple[PackJob, Pack]]:
+def lanes_of(pack: Pack, keys: dict[str, list[str]], at_once: int) -> tuple[tuple[int, ...], ...]:
+    """Split a pack into at most ``at_once`` lanes of whole trajectory groups, balanced by trial count."""
+    groups: list[list[int]] = []
+    for i, trial in enumerate(pack.trials):
+        if groups and keys[pack.trials[groups[-1][0]].id] == keys[trial.id]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    lanes: list[list[int]] = [[] for _ in range(min(at_once, len(groups)))]
+    for group in sorted(groups, key=len, reverse=True):
+        min(lanes, key=len).extend(group)
+    return tuple(tuple(sorted(lane)) for lane in lanes if lane) if len(lanes) > 1 else ()
+
+
+def pack_payloads(stage_plan: StagePlan, jobs: list[TrialJob], at_once: int = 1) -> list[tuple[PackJob, Pack]]:
     """One PackJob per pack of the plan, tokened so a requeued pack knows what it already ran."""
     by_id = {j.trial_id: j for j in jobs}
     token = uuid.uuid4().hex
-    return [(PackJob(tuple(by_id[t.id] for t in pack.trials), f"{token}-{i}"), pack)
+    return [(PackJob(tuple(by_id[t.id] for t in pack.trials), f"{token}-{i}",
+                     lanes_of(pack, stage_plan.keys, at_once)), pack)
             for i, pack in enumerate(stage_plan.packs)]
 
 
@@ -133,11 +148,11 @@ def plan_for(trials: list[Trial], executor: str, max_parallel: int, folder: Path
 
 
 def packed_jobs(stage_plan: StagePlan, trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
-                max_parallel: int, share_stages: bool = True) -> list[tuple[PackJob, Pack]]:
-    """The payloads of the plan's packs, ready to submit."""
+                max_parallel: int, share_stages: bool = True, at_once: int = 1) -> list[tuple[PackJob, Pack]]:
+    """The payloads of the plan's packs, ready to submit (``at_once``: trials a job runs at the same time)."""
     jobs = payloads(trials, target, executor, folder, max_parallel,
                     stage_plan=stage_plan if share_stages else None)
-    return pack_payloads(stage_plan, jobs)
+    return pack_payloads(stage_plan, jobs, at_once)
 
 
 def mark_lost(target: TrackingTarget, trial_id: str, error: str) -> None:

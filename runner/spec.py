@@ -37,6 +37,8 @@ LAUNCHER_OPTIONS: dict[str, Option] = {
     "max_requeues": Option(int, "times a trial may be requeued after reaching its time limit", _nonneg),
     "trials_per_job": Option(int, "trials one job runs in sequence, importing once (default: local a few "
                                   "jobs per slot, slurm 1)", _pos),
+    "trials_at_once": Option(int, "trials one job runs at the same time, each on its share of the job's "
+                                  "cores and its own GPU (default 1: in sequence)", _pos),
     "share_stages": Option(bool, "compute levels shared by several trials once (dense models, pruning "
                                  "trajectories); default true"),
     "slurm": Option(dict, "SLURM options, see below"),

@@ -219,3 +219,38 @@ def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, 
     assert len(runs) == 2 and runs["t1"].data.tags.get("resumed") == "true"
     steps = [m.step for m in client.get_metric_history(runs["t1"].info.run_id, "epoch.test_accuracy")]
     assert steps == sorted(set(steps)) and len(steps) == 4  # 2 levels x 2 epochs, none twice
+
+
+@pytest.mark.slow
+def test_pack_lanes_run_at_the_same_time_on_their_share_of_the_cores(tmp_path):
+    from jobs.task import PackJob, TrialJob
+    from jobs.trial import run_pack
+    from runner.store import prepare
+
+    target = prepare(f"sqlite:///{tmp_path}/mlflow.db", "lanes")
+    settings = {**BASE, "dataset.train_size": 400, "train.epochs": 3, "prune.iterations": 1}
+    jobs = tuple(TrialJob(f"t{i}", f"t{i}", {**settings, "seed": i}, target, threads=2,
+                          checkpoint_dir=str(tmp_path / f"ck{i}")) for i in range(2))
+    outcomes = run_pack(PackJob(jobs, "tok", lanes=((0,), (1,))))
+    assert [o["trial_id"] for o in outcomes] == ["t0", "t1"]
+    assert [o["status"] for o in outcomes] == ["FINISHED", "FINISHED"]
+    runs = MlflowClient(target.uri).search_runs([target.experiment_id])
+    assert {r.data.tags["torch_threads"] for r in runs} == {"1"}  # 2 slots shared by 2 lanes
+    (a, b) = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert b[0] < a[1], "the lanes did not overlap"
+
+
+def test_lanes_keep_trajectory_groups_whole_and_balance_them(tmp_path):
+    from runner.launch import lanes_of
+
+    spec = sweep_spec(tmp_path, {"prune.ratio": [0, 0.5, 0.8], "quant": ["none", "dynamic"]})
+    _, trials = expand(spec)
+    p = plan(trials, trials_per_job=6)
+    assert len(p.packs) == 1
+    lanes = lanes_of(p.packs[0], p.keys, 2)
+    assert sorted(len(lane) for lane in lanes) == [2, 4]
+    for lane in lanes:
+        groups = {tuple(p.keys[p.packs[0].trials[i].id]) for i in lane}
+        assert all(sum(tuple(p.keys[t.id]) == g for t in p.packs[0].trials) ==
+                   sum(tuple(p.keys[p.packs[0].trials[i].id]) == g for i in lane) for g in groups)
+    assert lanes_of(p.packs[0], p.keys, 1) == ()
