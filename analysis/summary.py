@@ -131,17 +131,23 @@ def select(frame: pd.DataFrame, level: str | int = "final", stage: str = "final"
 
 def aggregate(rows: pd.DataFrame, by: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
     """Per group of ``by``: ``<metric>_mean``, ``_std``, ``_count``, ``_ci95_low``, ``_ci95_high``."""
-    by = list(by)
-    groups = rows.groupby(by, dropna=False, sort=False) if by else [((), rows)]
-    out = []
-    for key, part in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        record = dict(zip(by, key))
-        for metric in metrics:
-            values = pd.to_numeric(part[metric], errors="coerce").to_numpy(dtype=float)
-            record.update({f"{metric}_{k}": v for k, v in describe(values).items()})
-        out.append(record)
-    return pd.DataFrame(out, columns=[*by, *(f"{m}_{s}" for m in metrics for s in STATS)])
+    from scipy import stats
+
+    by, metrics = list(by), list(metrics)
+    values = rows[metrics].apply(pd.to_numeric, errors="coerce").astype(float)
+    if not by:  # one group, even an empty one, so that a summary always has its row
+        return pd.DataFrame([{f"{m}_{k}": v for m in metrics for k, v in describe(values[m]).items()}])
+    grouped = values.groupby([rows[c] for c in by], dropna=False, sort=False)
+    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
+    # Vectorised over groups (describe() per group costs a scipy call each); n < 2 has no interval.
+    n = count.where(count > 1)
+    half = pd.DataFrame(stats.t.ppf(0.975, n - 1), index=n.index, columns=n.columns) * std / np.sqrt(n)
+    out = pd.concat({"mean": mean, "std": std, "count": count, "ci95_low": mean - half, "ci95_high": mean + half},
+                    axis=1)
+    out.columns = [f"{metric}_{stat}" for stat, metric in out.columns]
+    out = out.reset_index()
+    out.columns = [*by, *out.columns[len(by):]]
+    return out[[*by, *(f"{m}_{s}" for m in metrics for s in STATS)]]
 
 
 def _seed_text(seeds: Iterable) -> str:

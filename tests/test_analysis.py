@@ -61,7 +61,15 @@ def analysis_store(tmp_path_factory):
     if not done.exists():
         tmp.mkdir(exist_ok=True)
         path.write_text(SWEEP.format(name=NAME, tmp=tmp))
-        result = CliRunner().invoke(main, ["run", str(path), "--executor", "debug"])
+        import torch
+
+        # Tiny models on a shared machine: a second spinning OpenMP thread only slows them down.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = CliRunner().invoke(main, ["run", str(path), "--executor", "debug"])
+        finally:
+            torch.set_num_threads(threads)
         done.write_text(result.output)
     return path, uri, done.read_text()
 
@@ -167,7 +175,7 @@ def test_missing_seeds_are_flagged(store, tmp_path):
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.lists(st.tuples(st.sampled_from("abcd"), st.one_of(finite, st.just(math.nan))), min_size=1, max_size=40))
 def test_aggregate_matches_numpy_and_scipy(pairs):
     rows = pd.DataFrame(pairs, columns=["group", "value"])
@@ -190,7 +198,7 @@ def test_aggregate_matches_numpy_and_scipy(pairs):
             assert (got["value_ci95_low"], got["value_ci95_high"]) == pytest.approx((low, high), rel=1e-7, abs=1e-7)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4), st.booleans(), finite), min_size=1, max_size=30))
 def test_failed_trials_never_enter_the_mean(trials):
     frame = pd.DataFrame([{"sweep": "s", "trial_id": f"t{i}", "run_id": "", "run_name": "", "error": None,
