@@ -123,7 +123,7 @@ def select(frame: pd.DataFrame, level: str | int = "final", stage: str = "final"
         has_quant = quantized.groupby([rows["trial_id"], rows["level"]]).transform("any")
         rows = rows[quantized | ~has_quant]
     elif stage != "all":
-        if stage not in stages:
+        if stage not in stages and stage != "float":  # every trial has float rows, even an empty frame
             raise UnknownName("stage", stage, [*STAGES, *[s for s in stages if s != "float"]])
         rows = rows[rows["stage"] == stage]
     return rows

@@ -93,7 +93,8 @@ def pruning_points(frame: pd.DataFrame) -> pd.DataFrame:
     quant = [c for c in setting_columns(rows) if c.startswith("quant")]
     lines = varying_settings(pruned, prefer=LINE_ORDER, exclude=[*face, "prune.ratio", *quant])
     parts = []
-    for _, line in (pruned.groupby(lines, dropna=False, sort=False) if lines else [((), pruned)] * len(pruned[:1])):
+    groups = pruned.groupby(lines, dropna=False, sort=False) if lines else [((), pruned)]
+    for _, line in (groups if len(pruned) else []):
         if line["prune.ratio"].nunique() > 1:
             last = line.groupby("trial_id")["level"].transform("max")
             line = line[(line["level"] == last) | (line["level"] == 0)]
@@ -118,13 +119,14 @@ def _quant_groups(frame: pd.DataFrame):
     final = select(done, "final", "all")
     final = final.assign(_base=base_key(final, ["quant", SEED]))
     quantized = final[final["stage"] != "float"]
-    varying = [c for c in varying_settings(quantized) if not c.startswith("quant") and c not in FACETS]
+    quant = [c for c in setting_columns(final) if c.startswith("quant")]
+    varying = varying_settings(quantized, exclude=[*quant, *FACETS])
     for base, after in quantized.groupby("_base", sort=False):
         before = final[(final["_base"] == base) & (final["stage"] == "float")]
         first = after.iloc[0]
         name = "-".join([*(str(first[c]) for c in FACETS if c in after),
                          *(f"{c}={first[c]}" for c in varying)])
-        yield name, after, before
+        yield re.sub(r"[^A-Za-z0-9_.=-]+", "_", name), after, before  # it names files: no paths or spaces
 
 
 def quant_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:

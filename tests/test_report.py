@@ -141,6 +141,16 @@ def test_sweep_report_command(store, tmp_path):
     assert summary["failed"].sum() == 1 and summary.loc[summary["failed"] == 1, "accuracy_count"].iloc[0] == 0
 
 
+def test_report_of_failed_trials_only_has_no_figures_and_says_so(store, tmp_path):
+    from analysis import write_report
+
+    _, _, frame, _ = store
+    failed = frame[frame["status"] == "FAILED"]
+    page = write_report(failed, tmp_path).read_text()
+    assert "<img" not in page and "Nothing to show in these sweeps for: lottery" in page
+    assert failed["trial_id"].iloc[0] in page and not list(tmp_path.glob("*.png"))
+
+
 def test_report_rejects_unknown_trials(store, tmp_path):
     path = store[0]
     result = CliRunner().invoke(main, ["report", str(path), "-o", str(tmp_path), "--trial", "nope"])
