@@ -9,6 +9,7 @@ and on the GPU when there is one (there our loop also uses its defaults: bf16/fp
 channels_last for conv nets; the baseline stays float32, as tutorials are).
 
     .venv/bin/python bench/train_throughput.py [--device cpu|cuda|all] [--repeat 3] [--batch-size 64] [--threads N]
+        [--model lenet_300_100|resnet18|all]
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def main() -> int:
                         help="all: the CPU, and the GPU when there is one")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per loop (median reported)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model", choices=["lenet_300_100", "resnet18", "all"], default="all")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -134,7 +136,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        for case in CASES:
+        for case in (c for c in CASES if args.model in ("all", c[1])):
             for augment in (False, True):
                 ours, theirs = measure(case, device, args.batch_size, args.repeat, augment)
                 print(f"| {name} | {case[0]} | {'yes' if augment else 'no'} | {ours:,.0f} | {theirs:,.0f} | "
