@@ -53,6 +53,11 @@ class PackJob:
     # Lanes run at the same time in one allocation (indices into ``trials``, each lane in
     # order, on its own share of the cores and its own GPU); one lane: all in sequence.
     lanes: tuple[tuple[int, ...], ...] = ()
+    # Workers mode: several jobs get the same pack and token and each runs the groups
+    # (indices into ``trials``, in order) it claims first in ``claim_dir``, so work is shared
+    # out as slots free up and each worker imports once.
+    claim_dir: str | None = None
+    groups: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -402,6 +402,16 @@ def _run_lanes(pack: PackJob) -> list[dict[str, Any]]:
     return [by_id[job.trial_id] for job in pack.trials]
 
 
+def _claim(path: Path) -> bool:
+    """Create ``path`` if nobody has (atomic on local and NFS filesystems); True if we did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """Run a pack's trials in order (or its lanes at the same time); one failing trial does not stop the others.
 
@@ -410,6 +420,12 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """
     if len(pack.lanes) > 1:
         return _run_lanes(pack)
+    if pack.claim_dir:
+        claimed = []
+        for group in pack.groups:
+            if _claim(Path(pack.claim_dir) / f"{pack.token}-{pack.trials[group[0]].trial_id}"):
+                claimed += run_pack(PackJob(tuple(pack.trials[i] for i in group), pack.token))
+        return claimed
     outcomes = []
     for job in pack.trials:
         marker = Path(job.checkpoint_dir or ".") / OUTCOME_FILENAME

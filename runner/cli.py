@@ -86,7 +86,7 @@ def plan(file, fmt, overrides, tracking_uri):
     spec = _load(file, overrides)
     uri = resolve_uri(tracking_uri, spec.tracking)
     size, trials, rows = _plan_rows(spec, uri)
-    from runner.launch import plan_for
+    from runner.launch import plan_for, uses_workers
 
     executor = spec.launcher.get("executor", "local")
     todo = [t for t, r in zip(trials, rows) if not r["finished"]]
@@ -111,7 +111,8 @@ def plan(file, fmt, overrides, tracking_uri):
     for row in rows:
         table.add_row(*(("yes" if v else "no") if k == "finished" else str(v) for k, v in row.items()))
     _console().print(table)
-    click.echo(f"{len(todo)} trials to run on '{executor}': {stage_plan.saved()}")
+    workers = spec.launcher.get("max_parallel", 2) if uses_workers(executor, spec.launcher) else None
+    click.echo(f"{len(todo)} trials to run on '{executor}': {stage_plan.saved(workers)}")
 
 
 def sweep_folder(spec) -> Path:
@@ -177,16 +178,18 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     if not todo:
         click.echo("nothing to do")
         return
-    from runner.launch import EXECUTORS, packed_jobs, plan_for, run_local, submit_slurm, threads_per_trial
+    from runner.launch import (EXECUTORS, packed_jobs, plan_for, run_local, submit_slurm, threads_per_trial,
+                               uses_workers)
     from runner.launch import wait as wait_for
     from runner.store import prepare
 
     stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
-    click.echo(stage_plan.saved())
+    click.echo(stage_plan.saved(max_parallel if uses_workers(executor, spec.launcher) else None))
     target = prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
-                         spec.launcher.get("share_stages", True), spec.launcher.get("trials_at_once", 1))
+                         spec.launcher.get("share_stages", True), spec.launcher.get("trials_at_once", 1),
+                         workers=uses_workers(executor, spec.launcher))
     if executor == "slurm":
         try:
             submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))

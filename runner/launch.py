@@ -15,6 +15,7 @@ Caveats users hit:
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -28,6 +29,7 @@ from jobs.task import PackJob, StageJob, TrackingTarget, TrialJob, TrialTask
 from jobs.tracking import retry
 from runner import records, scheduler
 from runner.grid import Trial
+from jobs.stages import training_epochs
 from runner.plan import Pack, StagePlan, default_trials_per_job, plan
 
 DEFAULT_TIMEOUT_MIN = 24 * 60
@@ -115,14 +117,20 @@ def cached_stages(folder: Path) -> set[str]:
     return {p.name[:-3] for p in root.glob("*.pt") if not p.name.endswith(".final.pt")} if root.exists() else set()
 
 
-def lanes_of(pack: Pack, keys: dict[str, list[str]], at_once: int) -> tuple[tuple[int, ...], ...]:
-    """Split a pack into at most ``at_once`` lanes of whole trajectory groups, balanced by trial count."""
+def groups_of(pack: Pack, keys: dict[str, list[str]]) -> list[list[int]]:
+    """The pack's trajectory groups: runs of trials (indices) with the same level keys."""
     groups: list[list[int]] = []
     for i, trial in enumerate(pack.trials):
         if groups and keys[pack.trials[groups[-1][0]].id] == keys[trial.id]:
             groups[-1].append(i)
         else:
             groups.append([i])
+    return groups
+
+
+def lanes_of(pack: Pack, keys: dict[str, list[str]], at_once: int) -> tuple[tuple[int, ...], ...]:
+    """Split a pack into at most ``at_once`` lanes of whole trajectory groups, balanced by trial count."""
+    groups = groups_of(pack, keys)
     lanes: list[list[int]] = [[] for _ in range(min(at_once, len(groups)))]
     for group in sorted(groups, key=len, reverse=True):
         min(lanes, key=len).extend(group)
@@ -142,16 +150,42 @@ def plan_for(trials: list[Trial], executor: str, max_parallel: int, folder: Path
              launcher: dict[str, Any]) -> StagePlan:
     """The stage plan of the trials to run, from the launcher options (trials_per_job, share_stages)."""
     per_job = launcher.get("trials_per_job") or default_trials_per_job(executor, len(trials), max_parallel)
+    if uses_workers(executor, launcher):
+        per_job = max(1, len(trials))  # one pack; the workers share it out
     if not launcher.get("share_stages", True):
         return plan(trials, per_job, shared=False)
     return plan(trials, per_job, cached=cached_stages(folder), stage_jobs=executor == "slurm")
 
 
+def uses_workers(executor: str, launcher: dict[str, Any]) -> bool:
+    """Locally, unless ``trials_per_job`` is set, ``max_parallel`` workers pull trial groups as they free up."""
+    return executor == "local" and "trials_per_job" not in launcher
+
+
+def worker_payloads(stage_plan: StagePlan, jobs: list[TrialJob], workers: int,
+                    folder: Path) -> list[tuple[PackJob, Pack]]:
+    """``workers`` copies of one pack of every trial; each worker runs the groups it claims first.
+
+    Longest trajectories go first, so that no worker is left with a long one at the end.
+    """
+    by_id = {j.trial_id: j for j in jobs}
+    everything = Pack([t for pack in stage_plan.packs for t in pack.trials])
+    groups = groups_of(everything, stage_plan.keys)
+    groups.sort(key=lambda g: -sum(training_epochs(everything.trials[g[0]].config)))
+    payload = PackJob(tuple(by_id[t.id] for t in everything.trials), uuid.uuid4().hex,
+                      claim_dir=str((folder / "claims").resolve()), groups=tuple(tuple(g) for g in groups))
+    return [(payload, everything)] * max(1, min(workers, len(groups)))
+
+
 def packed_jobs(stage_plan: StagePlan, trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
-                max_parallel: int, share_stages: bool = True, at_once: int = 1) -> list[tuple[PackJob, Pack]]:
-    """The payloads of the plan's packs, ready to submit (``at_once``: trials a job runs at the same time)."""
+                max_parallel: int, share_stages: bool = True, at_once: int = 1,
+                workers: bool = False) -> list[tuple[PackJob, Pack]]:
+    """The payloads of the plan's packs, ready to submit (``at_once``: trials a job runs at the same time;
+    ``workers``: ``max_parallel`` jobs sharing the trials out instead, see ``uses_workers``)."""
     jobs = payloads(trials, target, executor, folder, max_parallel,
                     stage_plan=stage_plan if share_stages else None)
+    if workers:
+        return worker_payloads(stage_plan, jobs, max_parallel, folder)
     return pack_payloads(stage_plan, jobs, at_once)
 
 
@@ -256,6 +290,8 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
               target: TrackingTarget, folder: Path, max_parallel: int,
               progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
     """Run packs in this process (debug) or as local processes, at most ``max_parallel`` at once."""
+    if packed and packed[0][0].claim_dir:
+        return _run_workers(ex, packed, target, folder, progress)
     summary = Summary()
     limit = 1 if executor == "debug" else max_parallel
     queue = list(packed)
@@ -281,4 +317,60 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
         for job, _ in running:
             job.cancel(check=False)
         raise
+    return summary
+
+
+def _outcome(job: TrialJob, token: str) -> dict | None:
+    marker = Path(job.checkpoint_dir or ".") / "outcome.json"
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):  # not there yet, or being written
+        return None
+    return done["outcome"] if done.get("token") == token else None
+
+
+def _run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], target: TrackingTarget, folder: Path,
+                 progress: Callable[[Trial, str], None]) -> Summary:
+    """Start the workers, report each trial as its outcome lands, then account for every trial."""
+    payload, pack = packed[0]
+    summary = Summary()
+    jobs = [ex.submit(TrialTask(), payload) for _ in packed]
+    records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
+                            for i, t in enumerate(pack.trials)])
+    by_id = {j.trial_id: j for j in payload.trials}
+    reported: set[str] = set()
+
+    def report(trial: Trial, outcome: dict) -> None:
+        reported.add(trial.id)
+        if outcome["status"] == "FINISHED":
+            summary.finished.append(trial.id)
+        else:
+            summary.failed[trial.id] = outcome["error"]
+        progress(trial, "finished" if outcome["status"] == "FINISHED" else "failed")
+
+    try:
+        while True:
+            alive = not all(job.done() for job in jobs)
+            for trial in pack.trials:
+                if trial.id not in reported and (outcome := _outcome(by_id[trial.id], payload.token)):
+                    report(trial, outcome)
+            if not alive:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
+    errors = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # a worker died: the trial it was on has no outcome
+            text = str(exc).strip()
+            errors.append(text.splitlines()[-1] if text else type(exc).__name__)
+    for trial in pack.trials:
+        if trial.id not in reported:
+            message = errors[0] if errors else "no worker ran it"
+            mark_lost(target, trial.id, message)
+            report(trial, {"status": "FAILED", "error": message})
     return summary

@@ -39,13 +39,15 @@ class StagePlan:
     stage_jobs: dict[str, Trial]  # dense key -> a trial whose settings define it
     work: dict[str, int]
 
-    def saved(self) -> str:
-        """One line on the work the sharing saves."""
+    def saved(self, workers: int | None = None) -> str:
+        """One line on the work the sharing saves (``workers``: local workers sharing one pack out)."""
         w = self.work
+        jobs = (f"{workers} local worker(s) share the trials out" if workers
+                else f"{len(self.packs)} job(s)" + (f" after {len(self.stage_jobs)} stage job(s)"
+                                                   if self.stage_jobs else ""))
         return (f"level stages: {w['level_stages']} to train (naive {w['naive_level_stages']}), "
                 f"training epochs: {w['epochs']} (naive {w['naive_epochs']}), "
-                f"dense models: {w['dense']} (naive {w['naive_dense']}); "
-                f"{len(self.packs)} job(s)" + (f" after {len(self.stage_jobs)} stage job(s)" if self.stage_jobs else ""))
+                f"dense models: {w['dense']} (naive {w['naive_dense']}); {jobs}")
 
 
 def default_trials_per_job(executor: str, n_trials: int, max_parallel: int) -> int:

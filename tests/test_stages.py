@@ -130,7 +130,7 @@ def results(uri, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor, launcher", [("debug", []), ("local", ["trials_per_job=1"])])
+@pytest.mark.parametrize("executor, launcher", [("debug", []), ("local", [])])
 def test_shared_stages_give_the_results_of_trials_run_alone(tmp_path, executor, launcher, one_thread):
     shared = tmp_path / "shared.yaml"
     shared.write_text(SWEEP.format(name="shared", tmp=tmp_path))
