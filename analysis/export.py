@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import SETTINGS
-from jobs.tracking import RESULTS_ARTIFACT, retry
+from jobs.retrying import RESULTS_ARTIFACT, retry
 from runner.store import find_experiment_id, resolve_uri
 
 ID_COLUMNS = ["sweep", "trial_id", "run_id", "run_name", "status", "error", "level", "stage"]

@@ -1,41 +1,24 @@
 """MLflow writes of one trial: one run, params once, metrics in batches, tables as artifacts.
 
-Many trials write to one store at once. SQLite answers contention with "database is locked",
-so every write goes through ``retry`` (exponential backoff) instead of failing the trial.
+Many trials write to one store at once; every write goes through ``jobs.retrying.retry``.
 """
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from jobs.retrying import RESULTS_ARTIFACT, retry  # noqa: F401  (re-exported)
 from jobs.task import TrackingTarget
 
-T = TypeVar("T")
-RESULTS_ARTIFACT = "results.csv"
 CONFIG_ARTIFACT = "config.json"
 TRACEBACK_ARTIFACT = "traceback.txt"
-_TRANSIENT = ("database is locked", "database is busy", "disk i/o error", "unable to open database",
-              "connection refused", "connection reset", "timed out", "temporarily unavailable")
-
-
-def retry(fn: Callable[..., T], *args, attempts: int = 12, base_delay: float = 0.05, **kwargs) -> T:
-    """Call ``fn`` and retry transient store errors with jittered exponential backoff."""
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # mlflow wraps sqlalchemy errors in several exception types
-            if attempt == attempts - 1 or not any(s in str(exc).lower() for s in _TRANSIENT):
-                raise
-            time.sleep(min(base_delay * 2 ** attempt, 5.0) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
 
 
 def _number(value: Any) -> bool:

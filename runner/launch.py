@@ -26,7 +26,7 @@ from typing import Any, Callable
 import submitit
 
 from jobs.task import PackJob, StageJob, TrackingTarget, TrialJob, TrialTask
-from jobs.tracking import retry
+from jobs.retrying import retry
 from runner import records, scheduler
 from runner.grid import Trial
 from jobs.stages import training_epochs

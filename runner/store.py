@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.task import TrackingTarget
-from jobs.tracking import retry
+from jobs.retrying import retry
 
 DEFAULT_DB = "mlflow.db"
 
