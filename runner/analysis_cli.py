@@ -119,10 +119,8 @@ def _write(table, path: str) -> Path:
         table.to_parquet(path, index=False)
     elif path.suffix == ".md":
         path.write_text(to_markdown(table))
-    elif path.suffix == ".csv":
-        table.to_csv(path, index=False)
     else:
-        raise click.BadParameter(f"'{path}': use a .csv, .md or .parquet file", param_hint="-o")
+        table.to_csv(path, index=False)
     return path
 
 
@@ -146,6 +144,8 @@ def summary(sweeps, by, metrics, level, stage, output, tracking_uri):
     """Group trials over seeds: mean, std, count, 95% CI; flag groups with failed or missing seeds."""
     from analysis.summary import summarize
 
+    if output and Path(output).suffix not in (".csv", ".md", ".parquet"):
+        raise click.BadParameter(f"'{output}': use a .csv, .md or .parquet file", param_hint="-o")
     data = load(sweeps, tracking_uri)
     table = summarize(data.frame, by=_names(by) or None, metrics=_names(metrics) or ["accuracy"],
                       level=_level(level), stage=stage, planned=data.planned, prefer=data.axes)

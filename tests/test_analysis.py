@@ -235,6 +235,8 @@ def test_sweep_summary_command(store, tmp_path):
         assert result.exit_code == 0, result.output
     assert (tmp_path / "s.md").read_text().startswith("| prune.ratio | quant | level |")
     assert "latency_ms_mean" in pd.read_parquet(tmp_path / "s.parquet")
+    result = CliRunner().invoke(main, ["summary", str(path), "-o", str(tmp_path / "s.txt")])
+    assert result.exit_code == 2 and "use a .csv, .md or .parquet file" in result.output
 
 
 def test_several_sweeps_combine_into_one_summary(store, tmp_path):
