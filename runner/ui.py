@@ -6,6 +6,7 @@ browsing needs one worker and no job runner (about 0.5 GB).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,9 +50,17 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(uri: str, port: int, experiment_id: str | None, echo: Callable[[str], None] = print) -> None:
     """Serve the UI until interrupted."""
     echo(f"starting the MLflow UI for {uri} ...")
+    # A shell starts background commands with SIGINT ignored (and Python keeps it so), and
+    # `kill` sends SIGTERM: both must stop the server, not leave it running.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     proc = start_server(uri, port)
     echo(f"runs table: {runs_url(port, experiment_id)}")
     echo("press Ctrl-C to stop")
