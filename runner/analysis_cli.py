@@ -6,33 +6,28 @@ missing) or experiment names in the store of ``--tracking-uri``, as for ``sweep 
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from runner.errors import SpecError
+from runner.errors import SpecError, spec_errors
 
-EXIT_SPEC = 2
 OPTIONS = {"axis": "--by", "metric": "--metric", "level": "--level", "stage": "--stage"}
 
 
 def usage_errors(fn):
     """A bad sweep file or an unknown axis / metric / level / stage: one line on stderr, exit code 2."""
 
+    @spec_errors
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from analysis.summary import UnknownName
 
         try:
             return fn(*args, **kwargs)
-        except SpecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_SPEC)
-        except UnknownName as exc:
-            click.echo(f"error: {OPTIONS.get(exc.kind, exc.kind)}: {exc}", err=True)
-            sys.exit(EXIT_SPEC)
+        except UnknownName as exc:  # reported like a bad setting, naming the option
+            raise SpecError(OPTIONS.get(exc.kind, exc.kind), None, None, str(exc)) from None
 
     return wrapper
 

@@ -1,30 +1,13 @@
 """The ``sweep`` command: validate, plan, run, export and browse a sweep."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from runner.errors import SpecError
-
-EXIT_SPEC = 2
-
-
-def spec_errors(fn):
-    """Turn SpecError into one clear line on stderr and exit code 2, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SpecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_SPEC)
-
-    return wrapper
+from runner.errors import spec_errors
 
 
 def _load(file: str, overrides=(), launcher_overrides=()):

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import re
+import sys
 from typing import Iterable
+
+EXIT_SPEC = 2
 
 
 def _one_line(text: object) -> str:
@@ -34,3 +38,19 @@ def allowed(choices: Iterable[str], got: object) -> str:
     if close:
         text += f" (did you mean '{close[0]}'?)"
     return text
+
+
+def spec_errors(fn):
+    """Turn SpecError into one clear line on stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            import click
+
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_SPEC)
+
+    return wrapper

@@ -30,7 +30,7 @@ from jobs.retrying import retry
 from runner import records, scheduler
 from runner.grid import Trial
 from jobs.stages import training_epochs
-from runner.plan import Pack, StagePlan, default_trials_per_job, plan
+from runner.plan import Pack, StagePlan, plan
 
 DEFAULT_TIMEOUT_MIN = 24 * 60
 DEFAULT_MAX_REQUEUES = 10
@@ -149,9 +149,8 @@ def pack_payloads(stage_plan: StagePlan, jobs: list[TrialJob], at_once: int = 1)
 def plan_for(trials: list[Trial], executor: str, max_parallel: int, folder: Path,
              launcher: dict[str, Any]) -> StagePlan:
     """The stage plan of the trials to run, from the launcher options (trials_per_job, share_stages)."""
-    per_job = launcher.get("trials_per_job") or default_trials_per_job(executor, len(trials), max_parallel)
-    if uses_workers(executor, launcher):
-        per_job = max(1, len(trials))  # one pack; the workers share it out
+    # Locally without trials_per_job: one pack that the workers share out (see uses_workers).
+    per_job = max(1, len(trials)) if uses_workers(executor, launcher) else launcher.get("trials_per_job", 1)
     if not launcher.get("share_stages", True):
         return plan(trials, per_job, shared=False)
     return plan(trials, per_job, cached=cached_stages(folder), stage_jobs=executor == "slurm")

@@ -13,7 +13,6 @@ plan computes each shared level once:
 """
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -48,13 +47,6 @@ class StagePlan:
         return (f"level stages: {w['level_stages']} to train (naive {w['naive_level_stages']}), "
                 f"training epochs: {w['epochs']} (naive {w['naive_epochs']}), "
                 f"dense models: {w['dense']} (naive {w['naive_dense']}); {jobs}")
-
-
-def default_trials_per_job(executor: str, n_trials: int, max_parallel: int) -> int:
-    """Locally a few jobs per slot (imports paid a few times, progress still moves); else 1."""
-    if executor == "local":
-        return max(1, math.ceil(n_trials / (2 * max_parallel)))
-    return 1
 
 
 def _interleave(packs: list[Pack], first_dense: list[str]) -> list[Pack]:
