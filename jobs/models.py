@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from jobs import cifar_models as cifar
@@ -68,6 +67,8 @@ def small_cnn(cfg: ModelConfig, input_shape: Shape, num_classes: int) -> nn.Modu
 def _torchvision_resnet(arch: str, cfg: ModelConfig, input_shape: Shape, num_classes: int) -> nn.Module:
     """torchvision ResNet, randomly initialised, with its stem adapted to the input."""
     c = input_shape[0]
+    import torchvision  # here: importing it pulls in torch._dynamo (~0.8 s) for every process
+
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if cfg.small_stem:
         # The ImageNet stem downsamples 4x before the first block, far too much for 8..32 px images.
@@ -87,6 +88,8 @@ def alexnet(cfg: ModelConfig, input_shape: Shape, num_classes: int) -> nn.Module
     is unchanged: a 32 px input reaches it as 256x4x4, spread to 6x6 by the adaptive pool.
     """
     c, h, w = input_shape
+    import torchvision
+
     model = torchvision.models.alexnet(weights=None, num_classes=num_classes)
     if cfg.small_stem:
         model.features[0] = nn.Conv2d(c, 64, 3, 1, 1)

@@ -104,6 +104,7 @@ class StageUse:
     save_levels: frozenset[int] = frozenset()
     wait: bool = True
     producer: dict[str, str] = field(default_factory=dict)
+    waited_s: float = 0.0  # time blocked on another process's lock: neither compute nor tracking
 
     def deepest(self, first: int) -> int | None:
         """The deepest level >= ``first`` whose state is already on disk."""
@@ -207,7 +208,9 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         with contextlib.ExitStack() as held:
             holds = False
             if stages is not None and not resuming and level in stages.save_levels:
+                asked = time.perf_counter()
                 holds = held.enter_context(stages.cache.lock(stages.keys[level], stages.wait))
+                stages.waited_s += time.perf_counter() - asked
                 saved = stages.cache.load(stages.keys[level]) if holds else None
                 if saved is not None:  # computed by another process while we waited
                     reuse(level, saved)
@@ -343,7 +346,9 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     def timings() -> dict[str, float]:
         total = time.perf_counter() - started
-        return {"tracking_time_s": tracking.seconds, "compute_time_s": max(total - tracking.seconds, 0.0)}
+        waited = stages.waited_s if stages else 0.0
+        return {"tracking_time_s": tracking.seconds, "stage_wait_s": waited,
+                "compute_time_s": max(total - tracking.seconds - waited, 0.0)}
 
     def log_timings(values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

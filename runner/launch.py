@@ -15,13 +15,15 @@ Caveats users hit:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import submitit
 
@@ -299,7 +301,8 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
         while queue or running:
             while queue and len(running) < limit:
                 payload, pack = queue.pop(0)
-                job = ex.submit(TrialTask(), payload)
+                with controller_output(folder, executor):
+                    job = ex.submit(TrialTask(), payload)
                 records.append(folder, _records(job, pack, executor))
                 running.append((job, pack))
             still = []
@@ -319,6 +322,32 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
     return summary
 
 
+@contextlib.contextmanager
+def controller_output(folder: Path, executor: str) -> Iterator[None]:
+    """Local jobs inherit our stdout and stderr: hand them a log file in ``folder`` instead.
+
+    Otherwise a pipe reading ``sweep run`` (``| tee``, a CI log, a benchmark) stays open until
+    the last worker has torn its interpreter down, after every trial was already reported.
+    """
+    if executor != "local":
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = os.open(folder / "local-controllers.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
 def _outcome(job: TrialJob, token: str) -> dict | None:
     marker = Path(job.checkpoint_dir or ".") / "outcome.json"
     try:
@@ -333,7 +362,8 @@ def _run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], targ
     """Start the workers, report each trial as its outcome lands, then account for every trial."""
     payload, pack = packed[0]
     summary = Summary()
-    jobs = [ex.submit(TrialTask(), payload) for _ in packed]
+    with controller_output(folder, "local"):
+        jobs = [ex.submit(TrialTask(), payload) for _ in packed]
     records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
                             for i, t in enumerate(pack.trials)])
     by_id = {j.trial_id: j for j in payload.trials}
@@ -353,13 +383,17 @@ def _run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], targ
             for trial in pack.trials:
                 if trial.id not in reported and (outcome := _outcome(by_id[trial.id], payload.token)):
                     report(trial, outcome)
-            if not alive:
+            # Every trial accounted for: the workers only have their exit left (about a second
+            # of interpreter teardown with torch loaded), which nobody needs to wait for.
+            if not alive or len(reported) == len(pack.trials):
                 break
-            time.sleep(0.5)
+            time.sleep(0.1 + 1e-4 * (len(pack.trials) - len(reported)))  # many markers to read: read less often
     except KeyboardInterrupt:
         for job in jobs:
             job.cancel(check=False)
         raise
+    if len(reported) == len(pack.trials):
+        return summary
     errors = []
     for job in jobs:
         try:
