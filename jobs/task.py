@@ -15,10 +15,14 @@ import submitit
 
 @dataclass(frozen=True)
 class TrackingTarget:
-    """Where a trial logs: store URI, experiment id and the sweep's name."""
+    """Where a trial logs: store URI, experiment id and the sweep's name.
+
+    ``experiment_id`` is None only in a workers-mode pack started before its store was ready
+    (see ``PackJob.submitter_pid``); the worker fills it in before running anything.
+    """
 
     uri: str
-    experiment_id: str
+    experiment_id: str | None
     sweep: str
 
 
@@ -58,6 +62,10 @@ class PackJob:
     # out as slots free up and each worker imports once.
     claim_dir: str | None = None
     groups: tuple[tuple[int, ...], ...] = ()
+    # Workers mode: the submitting process (this pid) creates the tracking store while the
+    # workers import torch and mlflow, then writes ``<claim_dir>/<token>.ready`` with the
+    # experiment id; workers start on that file and give up if the submitter ends without it.
+    submitter_pid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -347,7 +347,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     def timings() -> dict[str, float]:
         total = time.perf_counter() - started
         waited = stages.waited_s if stages else 0.0
-        return {"tracking_time_s": tracking.seconds, "stage_wait_s": waited,
+        return {"tracking_time_s": tracking.seconds, "stage_wait_time_s": waited,
                 "compute_time_s": max(total - tracking.seconds - waited, 0.0)}
 
     def log_timings(values: dict[str, float], step: int) -> None:
@@ -417,6 +417,30 @@ def _claim(path: Path) -> bool:
     return True
 
 
+def ready_file(pack: PackJob) -> Path:
+    """Where the submitter of a workers-mode pack says its store is ready (see ``PackJob``)."""
+    return Path(pack.claim_dir or ".") / f"{pack.token}.ready"
+
+
+def _when_store_ready(pack: PackJob) -> PackJob:
+    """Wait for the submitter's ready file; the pack with its experiment id filled in."""
+    if pack.trials and pack.trials[0].target.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (half a second: not in the first trial)
+    ready = ready_file(pack)
+    while not ready.exists():
+        try:
+            os.kill(pack.submitter_pid, 0)
+        except ProcessLookupError:
+            raise RuntimeError("the submitting `sweep run` ended before the tracking store was ready") from None
+        except PermissionError:
+            pass  # alive, another user's
+        time.sleep(0.05)
+    experiment_id = json.loads(ready.read_text())["experiment_id"]
+    trials = tuple(dataclasses.replace(job, target=dataclasses.replace(job.target, experiment_id=experiment_id))
+                   for job in pack.trials)
+    return dataclasses.replace(pack, trials=trials, submitter_pid=None)
+
+
 def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """Run a pack's trials in order (or its lanes at the same time); one failing trial does not stop the others.
 
@@ -425,6 +449,8 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """
     if len(pack.lanes) > 1:
         return _run_lanes(pack)
+    if pack.submitter_pid is not None:
+        pack = _when_store_ready(pack)
     if pack.claim_dir:
         claimed = []
         for group in pack.groups:

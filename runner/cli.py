@@ -161,18 +161,21 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     if not todo:
         click.echo("nothing to do")
         return
-    from runner.launch import (EXECUTORS, packed_jobs, plan_for, run_local, submit_slurm, threads_per_trial,
-                               uses_workers)
+    from jobs.task import TrackingTarget
+    from runner.launch import (EXECUTORS, packed_jobs, plan_for, run_local, run_workers, submit_slurm,
+                               threads_per_trial, uses_workers)
     from runner.launch import wait as wait_for
     from runner.store import prepare
 
+    workers = uses_workers(executor, spec.launcher)
     stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
-    click.echo(stage_plan.saved(max_parallel if uses_workers(executor, spec.launcher) else None))
-    target = prepare(uri, spec.name)
+    click.echo(stage_plan.saved(max_parallel if workers else None))
+    # Local workers import torch and mlflow while this process creates the store (run_workers).
+    target = TrackingTarget(uri, None, spec.name) if workers else prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
                          spec.launcher.get("share_stages", True), spec.launcher.get("trials_at_once", 1),
-                         workers=uses_workers(executor, spec.launcher))
+                         workers=workers)
     if executor == "slurm":
         try:
             submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))
@@ -189,6 +192,9 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
             click.echo(f"follow with: sweep status {file}")
             return
         summary = _with_progress(len(todo), lambda progress: wait_for(submitted, target, progress))
+    elif workers:
+        summary = _with_progress(len(todo), lambda progress: run_workers(
+            ex, packed, folder, lambda: prepare(uri, spec.name), progress))
     else:
         summary = _with_progress(len(todo), lambda progress: run_local(
             ex, executor, packed, target, folder, max_parallel, progress))

@@ -174,7 +174,8 @@ def worker_payloads(stage_plan: StagePlan, jobs: list[TrialJob], workers: int,
     groups = groups_of(everything, stage_plan.keys)
     groups.sort(key=lambda g: -sum(training_epochs(everything.trials[g[0]].config)))
     payload = PackJob(tuple(by_id[t.id] for t in everything.trials), uuid.uuid4().hex,
-                      claim_dir=str((folder / "claims").resolve()), groups=tuple(tuple(g) for g in groups))
+                      claim_dir=str((folder / "claims").resolve()), groups=tuple(tuple(g) for g in groups),
+                      submitter_pid=os.getpid())
     return [(payload, everything)] * max(1, min(workers, len(groups)))
 
 
@@ -291,8 +292,6 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
               target: TrackingTarget, folder: Path, max_parallel: int,
               progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
     """Run packs in this process (debug) or as local processes, at most ``max_parallel`` at once."""
-    if packed and packed[0][0].claim_dir:
-        return _run_workers(ex, packed, target, folder, progress)
     summary = Summary()
     limit = 1 if executor == "debug" else max_parallel
     queue = list(packed)
@@ -357,13 +356,36 @@ def _outcome(job: TrialJob, token: str) -> dict | None:
     return done["outcome"] if done.get("token") == token else None
 
 
-def _run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], target: TrackingTarget, folder: Path,
-                 progress: Callable[[Trial, str], None]) -> Summary:
-    """Start the workers, report each trial as its outcome lands, then account for every trial."""
+def _store_ready(payload: PackJob, target: TrackingTarget) -> None:
+    """Tell waiting workers the store exists, and which experiment to log to (atomically)."""
+    from jobs.trial import ready_file
+
+    path = ready_file(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"experiment_id": target.experiment_id}))
+    os.replace(tmp, path)
+
+
+def run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path,
+                prepare_store: Callable[[], TrackingTarget],
+                progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
+    """Start the workers, prepare the store while they import, report each trial as its outcome lands.
+
+    ``prepare_store`` creates the store and the experiment (only this process may create a
+    SQLite store); the workers wait for it before their first trial (see ``PackJob``).
+    """
     payload, pack = packed[0]
     summary = Summary()
     with controller_output(folder, "local"):
         jobs = [ex.submit(TrialTask(), payload) for _ in packed]
+    try:
+        target = prepare_store()
+        _store_ready(payload, target)
+    except BaseException:
+        for job in jobs:
+            job.cancel(check=False)
+        raise
     records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
                             for i, t in enumerate(pack.trials)])
     by_id = {j.trial_id: j for j in payload.trials}

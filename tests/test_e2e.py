@@ -135,7 +135,8 @@ def test_local_executor_runs_trials_as_processes(tmp_path):
     path = write_sweep(tmp_path, name="local")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(path), "--executor", "local",
+    # The console script, as users run it (it exits without interpreter teardown).
+    proc = subprocess.run([str(Path(sys.executable).parent / "sweep"), "run", str(path), "--executor", "local",
                            "--max-parallel", "2", "--set", "prune.ratio=[0.8]"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -143,6 +144,11 @@ def test_local_executor_runs_trials_as_processes(tmp_path):
     assert "Traceback" not in proc.stderr
     _, found = runs(f"sqlite:///{tmp_path}/store/mlflow.db", "local")
     assert sorted(r.info.status for r in found) == ["FINISHED", "FINISHED"]
+    for run in found:  # where each trial's time went
+        assert run.data.metrics["compute_time_s"] > 0 and run.data.metrics["tracking_time_s"] > 0
+        assert run.data.metrics["stage_wait_time_s"] >= 0
+    # The workers' controllers wrote to the sweep folder, not to our (piped) stdout.
+    assert (tmp_path / "submitit" / "local-controllers.log").exists()
     # The two trials differ only in quantization: one trajectory, so one worker process (started
     # by submitit) ran both, and the second loaded the first's levels instead of training them.
     logs = list((tmp_path / "submitit").glob("*_log.out"))

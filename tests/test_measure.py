@@ -1,6 +1,8 @@
 """Measurements: per-layer cost by hand, ShrinkBench ratios, sparse size, top-5, quantization error."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -63,6 +65,22 @@ def test_conv_macs_by_hand():
     assert stats.loc["0", "activation_bytes"] == 4 * 4 * 9 * 9
     assert stats.loc["0", "weight_bytes"] == 4 * 4 * 3 * 3 * 3 and stats.loc["0", "bias_params"] == 0
     assert stats["flops"].sum() == dense_flops(model, (3, 9, 9))
+
+
+def test_dense_flops_are_remembered_per_architecture_and_input_shape(monkeypatch):
+    import jobs.measure as measure
+
+    monkeypatch.setattr(measure, "_DENSE_FLOPS", {})
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    narrow = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    assert dense_flops(wide, SMALL) == 2 * (64 * 32 + 32 * 10)
+    assert dense_flops(narrow, SMALL) == 2 * (64 * 16 + 16 * 10)  # same layer types, other widths
+    assert dense_flops(conv, SMALL) == 2 * (4 * 9 * 64 + 4 * 10)
+    assert dense_flops(conv, (1, 4, 4)) == 2 * (4 * 9 * 16 + 4 * 10)  # same model, another input shape
+    assert len(measure._DENSE_FLOPS) == 4
+    assert dense_flops(copy.deepcopy(wide), SMALL) == 2 * (64 * 32 + 32 * 10)
+    assert len(measure._DENSE_FLOPS) == 4  # counted once per architecture and shape
 
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet18"])

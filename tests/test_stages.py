@@ -182,6 +182,53 @@ def test_a_pack_runs_on_past_a_failing_trial_and_a_requeued_pack_skips_what_it_r
     assert marker["token"] == "token-1"
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_workers_start_on_the_submitters_ready_file_and_log_to_its_experiment(tmp_path, one_thread):
+    import os
+    import threading
+
+    from jobs.task import PackJob, TrackingTarget, TrialJob
+    from jobs.trial import run_pack
+    from runner.launch import _store_ready
+    from runner.store import prepare
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = {**BASE, "dataset.train_size": 200, "train.epochs": 1, "prune.iterations": 1}
+    job = TrialJob("w0", "w0", settings, TrackingTarget(uri, None, "ready"), checkpoint_dir=str(tmp_path / "ck"))
+    pack = PackJob((job,), "tok", claim_dir=str(tmp_path / "claims"), groups=((0,),), submitter_pid=os.getpid())
+    # The store does not exist while the worker starts; the "submitter" creates it a moment later.
+    later = threading.Timer(0.5, lambda: _store_ready(pack, prepare(uri, "ready")))
+    later.start()
+    try:
+        outcomes = run_pack(pack)
+    finally:
+        later.join()
+    assert [o["status"] for o in outcomes] == ["FINISHED"], outcomes
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ready").experiment_id])
+    assert run.info.run_id == outcomes[0]["run_id"]
+    assert {"compute_time_s", "tracking_time_s", "stage_wait_time_s"} <= set(run.data.metrics)
+
+
+def test_a_worker_gives_up_when_its_submitter_ended_before_the_store_was_ready(tmp_path):
+    from jobs.task import PackJob, TrackingTarget, TrialJob
+    from jobs.trial import run_pack
+
+    job = TrialJob("w0", "w0", BASE, TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", None, "gone"))
+    pack = PackJob((job,), "tok", claim_dir=str(tmp_path / "claims"), groups=((0,),), submitter_pid=_dead_pid())
+    with pytest.raises(RuntimeError, match="ended before the tracking store was ready"):
+        run_pack(pack)
+    assert not (tmp_path / "mlflow.db").exists()  # a worker never creates the store itself
+
+
 def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, one_thread):
     import jobs.trial as trial
     from jobs.task import PackJob, TrialJob
