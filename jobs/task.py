@@ -42,6 +42,8 @@ class TrialJob:
     stage_dir: str | None = None
     save_levels: tuple[int, ...] = ()
     wait_for_stages: bool = True
+    # Seconds between checkpoints within a level (always at a level's end); 0: every epoch.
+    checkpoint_every_s: float = 0.0
 
 
 @dataclass(frozen=True)

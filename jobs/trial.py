@@ -118,21 +118,44 @@ def _final_extras(model, input_shape) -> dict[str, Any]:
             "histograms": weight_histograms(model).assign(stage="float").to_dict("records")}
 
 
+class _Stopwatch:
+    """Seconds spent inside ``timed`` calls (a trial's tracking time, its state I/O time)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, fn: Callable) -> Callable:
+        """``fn``, with its time added to ``seconds``."""
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return wrapper
+
+
 def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
             checkpoint: Checkpoint | None = None, on_curve: Callable[[list[dict]], None] = lambda c: None,
             stages: StageUse | None = None,
             on_reuse: Callable[[list[dict], list[dict], dict], None] = lambda rows, curves, producer: None,
-            until_level: int | None = None) -> TrialResult:
+            until_level: int | None = None, io: _Stopwatch | None = None,
+            checkpoint_every_s: float = 0.0) -> TrialResult:
     """Run (or resume) the trial's levels and quant stage; ``on_row`` gets each results row as it lands.
 
     With ``stages``, levels already computed by another trial are loaded instead of trained
     (``on_reuse`` gets their rows and curves) and shared levels are stored once computed.
     ``until_level`` stops after that level, without quantization (a dense stage job).
+    ``io`` accumulates the time spent loading the dataset and reading and writing states
+    (checkpoints, the stage cache): the trial's cost that is not training or measuring.
+    The checkpoint is written at the end of every level and, within a level, at the end of an
+    epoch once ``checkpoint_every_s`` have passed since the last write (0: every epoch).
     """
-    state = checkpoint.load() if checkpoint else None
+    io = io or _Stopwatch()
+    state = io.timed(checkpoint.load)() if checkpoint else None
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset)
+    data = io.timed(load_dataset)(cfg.dataset)
     test_loader = make_loader(data.test, EVAL_BATCH, shuffle=False, device=device)
     loader = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, device=device)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
@@ -170,9 +193,14 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                 "optimizer": None if optimizer is None else optimizer.state_dict(),
                 "seconds": seconds, "rng": rng_state(), "producer": stages.producer if stages else {}}
 
+    last_saved = time.monotonic()
+
+    @io.timed
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
+        nonlocal last_saved
         if checkpoint is not None:
             checkpoint.save(snapshot(level, epoch, optimizer, seconds))
+            last_saved = time.monotonic()
 
     def fresh_state(level: int) -> dict:
         torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
@@ -190,7 +218,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
             # The entry holds the level without its final-only measurements: they come from
             # the producer's own (stored beside it) or are measured here.
             key = stages.keys[level]
-            extras = stages.cache.load(key, "final.pt") or _final_extras(model, data.input_shape)
+            extras = io.timed(stages.cache.load)(key, "final.pt") or _final_extras(model, data.input_shape)
             result.rows[-1].update(extras["row"])
             result.tables["weight_histograms.csv"] = extras["histograms"]
         on_reuse(result.rows, result.curves, {**saved.get("producer", {}), "level": str(level)})
@@ -202,7 +230,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         if stages is not None and not resuming:
             found = stages.deepest(level)
             if found is not None:
-                reuse(found, stages.cache.load(stages.keys[found]))
+                reuse(found, io.timed(stages.cache.load)(stages.keys[found]))
                 level = found + 1
                 continue
         with contextlib.ExitStack() as held:
@@ -211,7 +239,7 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                 asked = time.perf_counter()
                 holds = held.enter_context(stages.cache.lock(stages.keys[level], stages.wait))
                 stages.waited_s += time.perf_counter() - asked
-                saved = stages.cache.load(stages.keys[level]) if holds else None
+                saved = io.timed(stages.cache.load)(stages.keys[level]) if holds else None
                 if saved is not None:  # computed by another process while we waited
                     reuse(level, saved)
                     level += 1
@@ -233,7 +261,10 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                                       "lr": lr_at(cfg.train, epoch, epochs)})
                 if level == 0:
                     capture(epoch + 1, "epoch")
-                save(level, epoch + 1, optimizer, seconds)
+                # Small models train an epoch in milliseconds: a state per epoch would cost more
+                # than the epoch. A requeued trial resumes from the last state, RNG included.
+                if time.monotonic() - last_saved >= checkpoint_every_s:
+                    save(level, epoch + 1, optimizer, seconds)
 
             seconds = train(model, loader, cfg.train, device, epochs=epochs,
                             start_epoch=start_epoch if resuming else 0,
@@ -248,11 +279,11 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
             result.tables["layers.csv"] = result.tables.get("layers.csv", []) + stats.to_dict("records")
             result.rows.append(row)
             if holds:
-                stages.cache.save(stages.keys[level], snapshot(level + 1, 0))
+                io.timed(stages.cache.save)(stages.keys[level], snapshot(level + 1, 0))
             if level == levels and until_level is None:
                 extras = _final_extras(model, data.input_shape)
                 if holds:
-                    stages.cache.save(stages.keys[level], extras, "final.pt")
+                    io.timed(stages.cache.save)(stages.keys[level], extras, "final.pt")
                 row.update(extras["row"])
                 result.tables["weight_histograms.csv"] = extras["histograms"]
             on_row(row)
@@ -290,30 +321,13 @@ def _stage_use(job: TrialJob, cfg: TrialConfig, producer: dict[str, str]) -> Sta
                     job.wait_for_stages, producer)
 
 
-class _Stopwatch:
-    """Seconds spent inside ``timed`` calls (the trial's tracking time)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def timed(self, fn: Callable) -> Callable:
-        """``fn``, with its time added to ``seconds``."""
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return wrapper
-
-
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run one trial and record it in MLflow; return its status (never raises for trial errors)."""
     started = time.perf_counter()
     _threads(job.threads)
-    tracking = _Stopwatch()
+    tracking, io = _Stopwatch(), _Stopwatch()
     checkpoint = Checkpoint(job.checkpoint_dir) if job.checkpoint_dir else None
-    previous = checkpoint.load() if checkpoint else None
+    previous = io.timed(checkpoint.load)() if checkpoint else None
     tags = {**job.tags, "device_used": str(resolve_device(job.settings.get("device", "auto"))),
             "torch_threads": str(torch.get_num_threads())}
     if os.environ.get("SLURM_JOB_ID"):
@@ -347,8 +361,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     def timings() -> dict[str, float]:
         total = time.perf_counter() - started
         waited = stages.waited_s if stages else 0.0
-        return {"tracking_time_s": tracking.seconds, "stage_wait_time_s": waited,
-                "compute_time_s": max(total - tracking.seconds - waited, 0.0)}
+        return {"tracking_time_s": tracking.seconds, "stage_wait_time_s": waited, "io_time_s": io.seconds,
+                "compute_time_s": max(total - tracking.seconds - waited - io.seconds, 0.0)}
 
     def log_timings(values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -356,7 +370,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     try:
         result = execute(cfg, on_row, checkpoint, on_curve=tracking.timed(run.log_curve), stages=stages,
-                         on_reuse=on_reuse)
+                         on_reuse=on_reuse, io=io, checkpoint_every_s=job.checkpoint_every_s)
     except Exception as exc:
         text = traceback.format_exc()
         log_timings(timings(), int(partial.rows[-1]["level"]) if partial.rows else 0)

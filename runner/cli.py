@@ -162,8 +162,8 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
         click.echo("nothing to do")
         return
     from jobs.task import TrackingTarget
-    from runner.launch import (EXECUTORS, packed_jobs, plan_for, run_local, run_workers, submit_slurm,
-                               threads_per_trial, uses_workers)
+    from runner.launch import (DEFAULT_CHECKPOINT_EVERY_S, EXECUTORS, packed_jobs, plan_for, run_local,
+                               run_workers, submit_slurm, threads_per_trial, uses_workers)
     from runner.launch import wait as wait_for
     from runner.store import prepare
 
@@ -175,7 +175,8 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
                          spec.launcher.get("share_stages", True), spec.launcher.get("trials_at_once", 1),
-                         workers=workers)
+                         workers=workers, checkpoint_every_s=spec.launcher.get(
+                             "checkpoint_every_s", DEFAULT_CHECKPOINT_EVERY_S))
     if executor == "slurm":
         try:
             submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))

@@ -36,6 +36,7 @@ from runner.plan import Pack, StagePlan, plan
 
 DEFAULT_TIMEOUT_MIN = 24 * 60
 DEFAULT_MAX_REQUEUES = 10
+DEFAULT_CHECKPOINT_EVERY_S = 60.0
 SLURM_PASSTHROUGH = ("partition", "account", "qos", "nodes", "cpus_per_task", "gpus_per_node", "constraint",
                      "exclude", "setup", "additional_parameters")
 
@@ -97,7 +98,8 @@ def threads_per_trial(executor: str, max_parallel: int) -> int | None:
 
 def payloads(trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
              max_parallel: int, tags: dict[str, str] | None = None,
-             stage_plan: StagePlan | None = None) -> list[TrialJob]:
+             stage_plan: StagePlan | None = None,
+             checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S) -> list[TrialJob]:
     """The picklable job of each trial, with its checkpoint directory (and stage cache) under ``folder``."""
     threads = threads_per_trial(executor, max_parallel)
     stage_dir = str(stage_folder(folder)) if stage_plan is not None else None
@@ -105,7 +107,8 @@ def payloads(trials: list[Trial], target: TrackingTarget, executor: str, folder:
                      str((folder / "checkpoints" / t.id).resolve()), stage_dir=stage_dir,
                      save_levels=stage_plan.save_levels.get(t.id, ()) if stage_plan else (),
                      # On SLURM a job waiting on another's lock would hold its GPU idle.
-                     wait_for_stages=executor != "slurm") for t in trials]
+                     wait_for_stages=executor != "slurm", checkpoint_every_s=checkpoint_every_s)
+            for t in trials]
 
 
 def stage_folder(folder: Path) -> Path:
@@ -181,11 +184,12 @@ def worker_payloads(stage_plan: StagePlan, jobs: list[TrialJob], workers: int,
 
 def packed_jobs(stage_plan: StagePlan, trials: list[Trial], target: TrackingTarget, executor: str, folder: Path,
                 max_parallel: int, share_stages: bool = True, at_once: int = 1,
-                workers: bool = False) -> list[tuple[PackJob, Pack]]:
+                workers: bool = False, checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S,
+                ) -> list[tuple[PackJob, Pack]]:
     """The payloads of the plan's packs, ready to submit (``at_once``: trials a job runs at the same time;
     ``workers``: ``max_parallel`` jobs sharing the trials out instead, see ``uses_workers``)."""
     jobs = payloads(trials, target, executor, folder, max_parallel,
-                    stage_plan=stage_plan if share_stages else None)
+                    stage_plan=stage_plan if share_stages else None, checkpoint_every_s=checkpoint_every_s)
     if workers:
         return worker_payloads(stage_plan, jobs, max_parallel, folder)
     return pack_payloads(stage_plan, jobs, at_once)

@@ -146,7 +146,7 @@ def test_local_executor_runs_trials_as_processes(tmp_path):
     assert sorted(r.info.status for r in found) == ["FINISHED", "FINISHED"]
     for run in found:  # where each trial's time went
         assert run.data.metrics["compute_time_s"] > 0 and run.data.metrics["tracking_time_s"] > 0
-        assert run.data.metrics["stage_wait_time_s"] >= 0
+        assert run.data.metrics["stage_wait_time_s"] >= 0 and run.data.metrics["io_time_s"] > 0  # data, checkpoints
     # The workers' controllers wrote to the sweep folder, not to our (piped) stdout.
     assert (tmp_path / "submitit" / "local-controllers.log").exists()
     # The two trials differ only in quantization: one trajectory, so one worker process (started

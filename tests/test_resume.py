@@ -72,6 +72,32 @@ def test_execute_resumes_mid_level_with_optimizer_state(tmp_path, level, epoch):
     assert numbers(execute(cfg, checkpoint=Checkpoint(tmp_path)).rows) == expected
 
 
+class Recording(Checkpoint):
+    """A checkpoint that remembers the (level, epoch) of every write."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.writes = []
+
+    def save(self, state):
+        super().save(state)
+        self.writes.append((state["level"], state["epoch"]))
+
+
+def test_checkpoints_within_a_level_are_spaced_out_and_every_level_end_is_kept(tmp_path):
+    cfg = from_flat(SETTINGS)
+    every_epoch, spaced = Recording(tmp_path / "a"), Recording(tmp_path / "b")
+    expected = numbers(execute(cfg, checkpoint=every_epoch).rows)
+    # 2 epochs at each of levels 0..2, then each level's end: (level + 1, 0).
+    assert every_epoch.writes == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0)]
+    assert numbers(execute(cfg, checkpoint=spaced, checkpoint_every_s=3600).rows) == expected
+    assert spaced.writes == [(1, 0), (2, 0), (3, 0)]
+    # Stopped mid-level, a spaced-out trial resumes from its last level end to the same numbers.
+    with pytest.raises(Preempted):
+        execute(cfg, checkpoint=StopAfterSaving(tmp_path / "c", 2, 0), checkpoint_every_s=3600)
+    assert numbers(execute(cfg, checkpoint=Checkpoint(tmp_path / "c"), checkpoint_every_s=3600).rows) == expected
+
+
 def test_run_trial_resumes_in_the_same_run_without_duplicate_steps(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     target = prepare(uri, "resume")

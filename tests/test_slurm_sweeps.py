@@ -192,9 +192,10 @@ def _final(path, name):
 
 
 def test_requeue_and_time_limit_resume_with_identical_results(tmp_path):
-    requeued = write(tmp_path, "requeued", INTERRUPTED)
+    # A checkpoint every epoch (not every minute): each 1-minute allocation must make progress.
+    requeued = write(tmp_path, "requeued", INTERRUPTED, checkpoint_every_s=0)
     # SLURM signals USR2 about 30 s before the 1-minute limit; submitit checkpoints and requeues.
-    limited = write(tmp_path, "limited", INTERRUPTED, timeout_min=1, max_requeues=30,
+    limited = write(tmp_path, "limited", INTERRUPTED, timeout_min=1, max_requeues=30, checkpoint_every_s=0,
                     slurm={"signal_delay_s": 30})
     for path in (requeued, limited):
         proc = sweep("run", str(path), cwd=tmp_path)

@@ -94,7 +94,8 @@ CASES = [
     ("unknown-exclude", "name: t\ngrid:\n  seed: [0, 1]\nexclude:\n  - seed: 0\n  - sed: 1\n", 6, "exclude[1].sed",
      ["unknown setting 'sed'", "(did you mean 'seed'?)"]),
     ("unknown-launcher", "name: t\nlauncher:\n  executor: local\n  max_paralel: 2\n", 4, "launcher.max_paralel",
-     ["unknown launcher option 'max_paralel'", "allowed: executor, folder, job_name, max_parallel, max_requeues, share_stages, slurm, timeout_min, trials_at_once, trials_per_job",
+     ["unknown launcher option 'max_paralel'", "allowed: checkpoint_every_s, executor, folder, job_name, max_parallel, max_requeues, share_stages, slurm, "
+      "timeout_min, trials_at_once, trials_per_job",
       "(did you mean 'max_parallel'?)"]),
     ("unknown-slurm", "name: t\nlauncher:\n  executor: slurm\n  slurm:\n    partion: gpu\n", 5,
      "launcher.slurm.partion", ["unknown slurm option 'partion'", "account, additional_parameters",

@@ -215,7 +215,7 @@ def test_workers_start_on_the_submitters_ready_file_and_log_to_its_experiment(tm
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ready").experiment_id])
     assert run.info.run_id == outcomes[0]["run_id"]
-    assert {"compute_time_s", "tracking_time_s", "stage_wait_time_s"} <= set(run.data.metrics)
+    assert {"compute_time_s", "tracking_time_s", "stage_wait_time_s", "io_time_s"} <= set(run.data.metrics)
 
 
 def test_a_worker_gives_up_when_its_submitter_ended_before_the_store_was_ready(tmp_path):
