@@ -149,7 +149,8 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
     ``io`` accumulates the time spent loading the dataset and reading and writing states
     (checkpoints, the stage cache): the trial's cost that is not training or measuring.
     The checkpoint is written at the end of every level and, within a level, at the end of an
-    epoch once ``checkpoint_every_s`` have passed since the last write (0: every epoch).
+    epoch once ``checkpoint_every_s`` have passed since the last write (0: every epoch), or
+    sooner where writing is cheap: once 20 times the last write's duration have passed.
     """
     io = io or _Stopwatch()
     state = io.timed(checkpoint.load)() if checkpoint else None
@@ -193,14 +194,22 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                 "optimizer": None if optimizer is None else optimizer.state_dict(),
                 "seconds": seconds, "rng": rng_state(), "producer": stages.producer if stages else {}}
 
-    last_saved = time.monotonic()
+    last_saved, save_cost = time.monotonic(), None
 
     @io.timed
     def save(level: int, epoch: int, optimizer=None, seconds: float = 0.0) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, save_cost
         if checkpoint is not None:
+            began = time.monotonic()
             checkpoint.save(snapshot(level, epoch, optimizer, seconds))
             last_saved = time.monotonic()
+            save_cost = last_saved - began
+
+    def save_due() -> bool:
+        # At most ~5% of the time goes to checkpoints, and at most checkpoint_every_s of work
+        # is lost to a requeue: a small model saves every few epochs, a large one every epoch.
+        every = checkpoint_every_s if save_cost is None else min(checkpoint_every_s, 20 * save_cost)
+        return time.monotonic() - last_saved >= every
 
     def fresh_state(level: int) -> dict:
         torch.manual_seed(derive_seed(cfg.seed, "reinit", level))
@@ -261,9 +270,9 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                                       "lr": lr_at(cfg.train, epoch, epochs)})
                 if level == 0:
                     capture(epoch + 1, "epoch")
-                # Small models train an epoch in milliseconds: a state per epoch would cost more
-                # than the epoch. A requeued trial resumes from the last state, RNG included.
-                if time.monotonic() - last_saved >= checkpoint_every_s:
+                # Small models train an epoch in milliseconds: a state per epoch would cost as
+                # much as the epoch. A requeued trial resumes from the last state, RNG included.
+                if save_due():
                     save(level, epoch + 1, optimizer, seconds)
 
             seconds = train(model, loader, cfg.train, device, epochs=epochs,

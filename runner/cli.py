@@ -162,15 +162,15 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
         click.echo("nothing to do")
         return
     from jobs.task import TrackingTarget
-    from runner.launch import (DEFAULT_CHECKPOINT_EVERY_S, EXECUTORS, packed_jobs, plan_for, run_local,
-                               run_workers, submit_slurm, threads_per_trial, uses_workers)
+    from runner.launch import (DEFAULT_CHECKPOINT_EVERY_S, EXECUTORS, follow_workers, packed_jobs, plan_for,
+                               run_local, start_workers, submit_slurm, threads_per_trial, uses_workers)
     from runner.launch import wait as wait_for
     from runner.store import prepare
 
     workers = uses_workers(executor, spec.launcher)
     stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
     click.echo(stage_plan.saved(max_parallel if workers else None))
-    # Local workers import torch and mlflow while this process creates the store (run_workers).
+    # Local workers import torch and mlflow while this process creates the store (start_workers).
     target = TrackingTarget(uri, None, spec.name) if workers else prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
@@ -194,8 +194,8 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
             return
         summary = _with_progress(len(todo), lambda progress: wait_for(submitted, target, progress))
     elif workers:
-        summary = _with_progress(len(todo), lambda progress: run_workers(
-            ex, packed, folder, lambda: prepare(uri, spec.name), progress))
+        started = start_workers(ex, packed, folder, lambda: prepare(uri, spec.name))
+        summary = _with_progress(len(todo), lambda progress: follow_workers(started, progress))
     else:
         summary = _with_progress(len(todo), lambda progress: run_local(
             ex, executor, packed, target, folder, max_parallel, progress))

@@ -304,8 +304,7 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
         while queue or running:
             while queue and len(running) < limit:
                 payload, pack = queue.pop(0)
-                with controller_output(folder, executor):
-                    job = ex.submit(TrialTask(), payload)
+                job = ex.submit(TrialTask(), payload)
                 records.append(folder, _records(job, pack, executor))
                 running.append((job, pack))
             still = []
@@ -326,15 +325,13 @@ def run_local(ex: submitit.Executor, executor: str, packed: list[tuple[PackJob, 
 
 
 @contextlib.contextmanager
-def controller_output(folder: Path, executor: str) -> Iterator[None]:
+def controller_output(folder: Path) -> Iterator[None]:
     """Local jobs inherit our stdout and stderr: hand them a log file in ``folder`` instead.
 
     Otherwise a pipe reading ``sweep run`` (``| tee``, a CI log, a benchmark) stays open until
     the last worker has torn its interpreter down, after every trial was already reported.
+    Our own output goes there too meanwhile, so nothing may draw on the terminal then.
     """
-    if executor != "local":
-        yield
-        return
     sys.stdout.flush()
     sys.stderr.flush()
     folder.mkdir(parents=True, exist_ok=True)
@@ -371,17 +368,26 @@ def _store_ready(payload: PackJob, target: TrackingTarget) -> None:
     os.replace(tmp, path)
 
 
-def run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path,
-                prepare_store: Callable[[], TrackingTarget],
-                progress: Callable[[Trial, str], None] = lambda trial, status: None) -> Summary:
-    """Start the workers, prepare the store while they import, report each trial as its outcome lands.
+@dataclass
+class Workers:
+    """Local workers started on one shared pack, and the store they log to."""
 
-    ``prepare_store`` creates the store and the experiment (only this process may create a
-    SQLite store); the workers wait for it before their first trial (see ``PackJob``).
+    jobs: list[Any]
+    payload: PackJob
+    pack: Pack
+    target: TrackingTarget
+
+
+def start_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path,
+                  prepare_store: Callable[[], TrackingTarget]) -> Workers:
+    """Start the workers, then prepare the store while they import (see ``PackJob.submitter_pid``).
+
+    ``prepare_store`` creates the store and the experiment: only this process may create a
+    SQLite store. Call this before any live progress display: while submitting, our stdout is
+    pointed at a log file (see ``controller_output``).
     """
     payload, pack = packed[0]
-    summary = Summary()
-    with controller_output(folder, "local"):
+    with controller_output(folder):
         jobs = [ex.submit(TrialTask(), payload) for _ in packed]
     try:
         target = prepare_store()
@@ -392,6 +398,14 @@ def run_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folde
         raise
     records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
                             for i, t in enumerate(pack.trials)])
+    return Workers(jobs, payload, pack, target)
+
+
+def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = lambda trial, status: None
+                   ) -> Summary:
+    """Report each trial as its outcome lands, then account for every trial."""
+    jobs, payload, pack, target = workers.jobs, workers.payload, workers.pack, workers.target
+    summary = Summary()
     by_id = {j.trial_id: j for j in payload.trials}
     reported: set[str] = set()
 

@@ -39,9 +39,10 @@ LAUNCHER_OPTIONS: dict[str, Option] = {
                                   "jobs per slot, slurm 1)", _pos),
     "trials_at_once": Option(int, "trials one job runs at the same time, each on its share of the job's "
                                   "cores and its own GPU (default 1: in sequence)", _pos),
-    "checkpoint_every_s": Option((int, float), "seconds between a trial's checkpoints within a level (always at "
-                                               "a level's end); a requeued trial loses at most this much work; "
-                                               "0: every epoch. Default 60", _nonneg),
+    "checkpoint_every_s": Option((int, float), "most seconds between a trial's checkpoints within a level "
+                                               "(fewer where saving is cheap; always at a level's end): a "
+                                               "requeued trial loses at most this much work; 0: every epoch. "
+                                               "Default 60", _nonneg),
     "share_stages": Option(bool, "compute levels shared by several trials once (dense models, pruning "
                                  "trajectories); default true"),
     "slurm": Option(dict, "SLURM options, see below"),

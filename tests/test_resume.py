@@ -1,4 +1,6 @@
 """A trial stopped at any point resumes from its checkpoint, in the same MLflow run, with the same numbers."""
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -73,23 +75,26 @@ def test_execute_resumes_mid_level_with_optimizer_state(tmp_path, level, epoch):
 
 
 class Recording(Checkpoint):
-    """A checkpoint that remembers the (level, epoch) of every write."""
+    """A checkpoint that remembers the (level, epoch) of every write, each taking ``cost`` seconds."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, cost=0.0):
         super().__init__(directory)
-        self.writes = []
+        self.writes, self.cost = [], cost
 
     def save(self, state):
         super().save(state)
+        time.sleep(self.cost)
         self.writes.append((state["level"], state["epoch"]))
 
 
 def test_checkpoints_within_a_level_are_spaced_out_and_every_level_end_is_kept(tmp_path):
     cfg = from_flat(SETTINGS)
-    every_epoch, spaced = Recording(tmp_path / "a"), Recording(tmp_path / "b")
+    every_epoch = Recording(tmp_path / "a")
     expected = numbers(execute(cfg, checkpoint=every_epoch).rows)
     # 2 epochs at each of levels 0..2, then each level's end: (level + 1, 0).
     assert every_epoch.writes == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0)]
+    # A write of 0.25 s spaces writes 5 s apart (20 times its cost): these levels take far less.
+    spaced = Recording(tmp_path / "b", cost=0.25)
     assert numbers(execute(cfg, checkpoint=spaced, checkpoint_every_s=3600).rows) == expected
     assert spaced.writes == [(1, 0), (2, 0), (3, 0)]
     # Stopped mid-level, a spaced-out trial resumes from its last level end to the same numbers.

@@ -141,7 +141,7 @@ fixed:
 
 
 def test_cancel_then_retry_failed_resumes(tmp_path):
-    path = write(tmp_path, "cancel", SLOW_AND_FAST)
+    path = write(tmp_path, "cancel", SLOW_AND_FAST, checkpoint_every_s=0)  # progress to keep within seconds
     assert sweep("run", str(path), cwd=tmp_path).returncode == 0
     current = wait_until(path, lambda s: {t["state"] for t in s["trials"]} >= {"running"}
                          and any(t["state"] == "running" and "train.epochs=40" in t["name"] for t in s["trials"]))
