@@ -17,8 +17,8 @@ import submitit
 class TrackingTarget:
     """Where a trial logs: store URI, experiment id and the sweep's name.
 
-    ``experiment_id`` is None only in a workers-mode pack started before its store was ready
-    (see ``PackJob.submitter_pid``); the worker fills it in before running anything.
+    ``experiment_id`` is None only in a workers-mode pack whose store a worker prepares (see
+    ``PackJob.prepare_store``); each worker fills it in before running anything.
     """
 
     uri: str
@@ -64,10 +64,11 @@ class PackJob:
     # out as slots free up and each worker imports once.
     claim_dir: str | None = None
     groups: tuple[tuple[int, ...], ...] = ()
-    # Workers mode: the submitting process (this pid) creates the tracking store while the
-    # workers import torch and mlflow, then writes ``<claim_dir>/<token>.ready`` with the
-    # experiment id; workers start on that file and give up if the submitter ends without it.
-    submitter_pid: int | None = None
+    # Workers mode: the first worker to claim ``<claim_dir>/<token>.creator`` creates the
+    # tracking store and the experiment (trials' targets have no experiment id yet), then
+    # writes ``<token>.ready`` with the id or the error; the others start on that file and
+    # give up if the creator ended without writing it.
+    prepare_store: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Many trials write to one store at once; every write goes through ``jobs.retrying
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,40 @@ from jobs.task import TrackingTarget
 
 CONFIG_ARTIFACT = "config.json"
 TRACEBACK_ARTIFACT = "traceback.txt"
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database, not in whatever directory we run from."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides where artifacts go
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / slug).as_uri()
+
+
+def prepare_store(uri: str, sweep: str) -> TrackingTarget:
+    """Create (or migrate) the store and the sweep's experiment, once, before any trial logs.
+
+    Parallel processes creating a new SQLite store at once corrupt it for good, so exactly
+    one process may call this for a new store: the submitting one, or in local workers mode
+    the worker that claimed the job (``jobs.trial``).
+    """
+    client = MlflowClient(uri)
+    retry(client.search_experiments, max_results=1)
+    exp = retry(client.get_experiment_by_name, sweep)
+    if exp is None:
+        try:
+            exp_id = retry(client.create_experiment, sweep, artifact_location=_artifact_location(uri, sweep))
+        except Exception:
+            # Another submitter may have created it in between.
+            exp = retry(client.get_experiment_by_name, sweep)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        if exp.lifecycle_stage == "deleted":
+            retry(client.restore_experiment, exp.experiment_id)
+        exp_id = exp.experiment_id
+    return TrackingTarget(uri=uri, experiment_id=exp_id, sweep=sweep)
 
 
 def _number(value: Any) -> bool:

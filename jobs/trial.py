@@ -441,27 +441,59 @@ def _claim(path: Path) -> bool:
 
 
 def ready_file(pack: PackJob) -> Path:
-    """Where the submitter of a workers-mode pack says its store is ready (see ``PackJob``)."""
+    """Where a workers-mode pack's store is said to be ready (see ``PackJob.prepare_store``)."""
     return Path(pack.claim_dir or ".") / f"{pack.token}.ready"
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _alive(pid_file: Path) -> bool:
+    """False once the process whose pid ``pid_file`` holds has ended (True while it is unwritten)."""
+    try:
+        pid = int(pid_file.read_text() or 0)
+    except (OSError, ValueError):
+        return True
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def _when_store_ready(pack: PackJob) -> PackJob:
-    """Wait for the submitter's ready file; the pack with its experiment id filled in."""
-    if pack.trials and pack.trials[0].target.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (half a second: not in the first trial)
-    ready = ready_file(pack)
-    while not ready.exists():
+    """Create the store if we claim it first, else wait for it; the pack with its experiment id filled in."""
+    from jobs.tracking import prepare_store
+
+    ready, creator = ready_file(pack), ready_file(pack).with_suffix(".creator")
+    first = pack.trials[0].target
+    if first.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (half a second, while others may wait)
+    if not ready.exists() and _claim(creator):
+        creator.write_text(str(os.getpid()))
         try:
-            os.kill(pack.submitter_pid, 0)
-        except ProcessLookupError:
-            raise RuntimeError("the submitting `sweep run` ended before the tracking store was ready") from None
-        except PermissionError:
-            pass  # alive, another user's
+            experiment_id = prepare_store(first.uri, first.sweep).experiment_id
+        except Exception as exc:
+            _write_atomically(ready, json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}))
+            raise
+        _write_atomically(ready, json.dumps({"experiment_id": experiment_id}))
+    while not ready.exists():
+        if not _alive(creator):
+            raise RuntimeError("the worker preparing the tracking store ended before it was ready")
         time.sleep(0.05)
-    experiment_id = json.loads(ready.read_text())["experiment_id"]
-    trials = tuple(dataclasses.replace(job, target=dataclasses.replace(job.target, experiment_id=experiment_id))
+    said = json.loads(ready.read_text())
+    if "error" in said:
+        raise RuntimeError(f"the tracking store could not be prepared: {said['error']}")
+    trials = tuple(dataclasses.replace(job, target=dataclasses.replace(job.target, experiment_id=said["experiment_id"]))
                    for job in pack.trials)
-    return dataclasses.replace(pack, trials=trials, submitter_pid=None)
+    return dataclasses.replace(pack, trials=trials, prepare_store=False)
 
 
 def run_pack(pack: PackJob) -> list[dict[str, Any]]:
@@ -472,7 +504,7 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """
     if len(pack.lanes) > 1:
         return _run_lanes(pack)
-    if pack.submitter_pid is not None:
+    if pack.prepare_store:
         pack = _when_store_ready(pack)
     if pack.claim_dir:
         claimed = []

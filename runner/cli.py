@@ -170,7 +170,7 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
     workers = uses_workers(executor, spec.launcher)
     stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
     click.echo(stage_plan.saved(max_parallel if workers else None))
-    # Local workers import torch and mlflow while this process creates the store (start_workers).
+    # Local workers create the store themselves, the first while the others import (start_workers).
     target = TrackingTarget(uri, None, spec.name) if workers else prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,
@@ -194,7 +194,7 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
             return
         summary = _with_progress(len(todo), lambda progress: wait_for(submitted, target, progress))
     elif workers:
-        started = start_workers(ex, packed, folder, lambda: prepare(uri, spec.name))
+        started = start_workers(ex, packed, folder)
         summary = _with_progress(len(todo), lambda progress: follow_workers(started, progress))
     else:
         summary = _with_progress(len(todo), lambda progress: run_local(

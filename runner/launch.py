@@ -178,7 +178,7 @@ def worker_payloads(stage_plan: StagePlan, jobs: list[TrialJob], workers: int,
     groups.sort(key=lambda g: -sum(training_epochs(everything.trials[g[0]].config)))
     payload = PackJob(tuple(by_id[t.id] for t in everything.trials), uuid.uuid4().hex,
                       claim_dir=str((folder / "claims").resolve()), groups=tuple(tuple(g) for g in groups),
-                      submitter_pid=os.getpid())
+                      prepare_store=True)
     return [(payload, everything)] * max(1, min(workers, len(groups)))
 
 
@@ -357,54 +357,44 @@ def _outcome(job: TrialJob, token: str) -> dict | None:
     return done["outcome"] if done.get("token") == token else None
 
 
-def _store_ready(payload: PackJob, target: TrackingTarget) -> None:
-    """Tell waiting workers the store exists, and which experiment to log to (atomically)."""
-    from jobs.trial import ready_file
-
-    path = ready_file(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"experiment_id": target.experiment_id}))
-    os.replace(tmp, path)
-
-
 @dataclass
 class Workers:
-    """Local workers started on one shared pack, and the store they log to."""
+    """Local workers started on one shared pack (see ``PackJob.prepare_store``)."""
 
     jobs: list[Any]
     payload: PackJob
     pack: Pack
-    target: TrackingTarget
+
+    def target(self) -> TrackingTarget | None:
+        """Where the trials log, once the worker preparing the store has said so."""
+        from jobs.trial import ready_file
+
+        try:
+            said = json.loads(ready_file(self.payload).read_text())
+        except (OSError, ValueError):
+            return None
+        first = self.payload.trials[0].target
+        return TrackingTarget(first.uri, said["experiment_id"], first.sweep) if "experiment_id" in said else None
 
 
-def start_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path,
-                  prepare_store: Callable[[], TrackingTarget]) -> Workers:
-    """Start the workers, then prepare the store while they import (see ``PackJob.submitter_pid``).
+def start_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path) -> Workers:
+    """Start the workers: the first creates the store and the experiment while the others import.
 
-    ``prepare_store`` creates the store and the experiment: only this process may create a
-    SQLite store. Call this before any live progress display: while submitting, our stdout is
-    pointed at a log file (see ``controller_output``).
+    Call this before any live progress display: while submitting, our stdout is pointed at a
+    log file (see ``controller_output``).
     """
     payload, pack = packed[0]
     with controller_output(folder):
         jobs = [ex.submit(TrialTask(), payload) for _ in packed]
-    try:
-        target = prepare_store()
-        _store_ready(payload, target)
-    except BaseException:
-        for job in jobs:
-            job.cancel(check=False)
-        raise
     records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
                             for i, t in enumerate(pack.trials)])
-    return Workers(jobs, payload, pack, target)
+    return Workers(jobs, payload, pack)
 
 
 def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = lambda trial, status: None
                    ) -> Summary:
     """Report each trial as its outcome lands, then account for every trial."""
-    jobs, payload, pack, target = workers.jobs, workers.payload, workers.pack, workers.target
+    jobs, payload, pack = workers.jobs, workers.payload, workers.pack
     summary = Summary()
     by_id = {j.trial_id: j for j in payload.trials}
     reported: set[str] = set()
@@ -441,9 +431,11 @@ def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = la
         except Exception as exc:  # a worker died: the trial it was on has no outcome
             text = str(exc).strip()
             errors.append(text.splitlines()[-1] if text else type(exc).__name__)
+    target = workers.target()
     for trial in pack.trials:
         if trial.id not in reported:
             message = errors[0] if errors else "no worker ran it"
-            mark_lost(target, trial.id, message)
+            if target is not None:  # else no run can exist: the store was never ready
+                mark_lost(target, trial.id, message)
             report(trial, {"status": "FAILED", "error": message})
     return summary

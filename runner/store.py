@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +28,11 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
-def _artifact_location(uri: str, name: str) -> str | None:
-    """Keep a SQLite store's artifacts beside its database, not in whatever directory we run from."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a server decides where artifacts go
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
-    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / slug).as_uri()
-
-
 def prepare(uri: str, sweep: str) -> TrackingTarget:
-    """Create (or migrate) the store and the sweep's experiment, once, before any job starts.
+    """Create (or migrate) the store and the sweep's experiment (``jobs.tracking.prepare_store``)."""
+    from jobs.tracking import prepare_store
 
-    Parallel processes creating a new SQLite store at once corrupt it for good, so this
-    must run in the submitting process.
-    """
-    client = _client(uri)
-    retry(client.search_experiments, max_results=1)
-    exp = retry(client.get_experiment_by_name, sweep)
-    if exp is None:
-        try:
-            exp_id = retry(client.create_experiment, sweep, artifact_location=_artifact_location(uri, sweep))
-        except Exception:
-            # Another submitter may have created it in between.
-            exp = retry(client.get_experiment_by_name, sweep)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        if exp.lifecycle_stage == "deleted":
-            retry(client.restore_experiment, exp.experiment_id)
-        exp_id = exp.experiment_id
-    return TrackingTarget(uri=uri, experiment_id=exp_id, sweep=sweep)
+    return prepare_store(uri, sweep)
 
 
 def find_experiment_id(uri: str, sweep: str) -> str | None:

@@ -191,42 +191,64 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_workers_start_on_the_submitters_ready_file_and_log_to_its_experiment(tmp_path, one_thread):
-    import os
-    import threading
-
+def _worker_pack(tmp_path, sweep, settings, token="tok", store=None):
     from jobs.task import PackJob, TrackingTarget, TrialJob
-    from jobs.trial import run_pack
-    from runner.launch import _store_ready
-    from runner.store import prepare
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{store or tmp_path / 'mlflow.db'}"
+    job = TrialJob("w0", "w0", settings, TrackingTarget(uri, None, sweep), checkpoint_dir=str(tmp_path / "ck"))
+    return PackJob((job,), token, claim_dir=str(tmp_path / "claims"), groups=((0,),), prepare_store=True)
+
+
+def test_the_first_worker_creates_the_store_and_the_others_log_to_its_experiment(tmp_path, one_thread):
+    import dataclasses
+
+    from jobs.trial import run_pack
+
     settings = {**BASE, "dataset.train_size": 200, "train.epochs": 1, "prune.iterations": 1}
-    job = TrialJob("w0", "w0", settings, TrackingTarget(uri, None, "ready"), checkpoint_dir=str(tmp_path / "ck"))
-    pack = PackJob((job,), "tok", claim_dir=str(tmp_path / "claims"), groups=((0,),), submitter_pid=os.getpid())
-    # The store does not exist while the worker starts; the "submitter" creates it a moment later.
-    later = threading.Timer(0.5, lambda: _store_ready(pack, prepare(uri, "ready")))
-    later.start()
-    try:
-        outcomes = run_pack(pack)
-    finally:
-        later.join()
+    pack = _worker_pack(tmp_path, "ready", settings)
+    assert not (tmp_path / "mlflow.db").exists()
+    outcomes = run_pack(pack)  # the first worker: claims the creation, creates, says ready
     assert [o["status"] for o in outcomes] == ["FINISHED"], outcomes
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ready").experiment_id])
-    assert run.info.run_id == outcomes[0]["run_id"]
+    said = json.loads((tmp_path / "claims" / "tok.ready").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert said["experiment_id"] == client.get_experiment_by_name("ready").experiment_id
+    (run,) = client.search_runs([said["experiment_id"]])
     assert {"compute_time_s", "tracking_time_s", "stage_wait_time_s", "io_time_s"} <= set(run.data.metrics)
+    # A second worker of the same submission finds the creation claimed and the store ready.
+    other = dataclasses.replace(pack, trials=(dataclasses.replace(pack.trials[0], trial_id="w1", name="w1",
+                                                                  checkpoint_dir=str(tmp_path / "ck1")),))
+    assert [o["status"] for o in run_pack(other)] == ["FINISHED"]
+    assert len(client.search_runs([said["experiment_id"]])) == 2
 
 
-def test_a_worker_gives_up_when_its_submitter_ended_before_the_store_was_ready(tmp_path):
-    from jobs.task import PackJob, TrackingTarget, TrialJob
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_workers_give_up_when_the_store_cannot_be_prepared(tmp_path):
     from jobs.trial import run_pack
 
-    job = TrialJob("w0", "w0", BASE, TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", None, "gone"))
-    pack = PackJob((job,), "tok", claim_dir=str(tmp_path / "claims"), groups=((0,),), submitter_pid=_dead_pid())
-    with pytest.raises(RuntimeError, match="ended before the tracking store was ready"):
+    # The worker that claimed the creation died before saying anything.
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "tok.creator").write_text(str(_dead_pid()))
+    with pytest.raises(RuntimeError, match="ended before it was ready"):
+        run_pack(_worker_pack(tmp_path, "gone", BASE))
+    assert not (tmp_path / "mlflow.db").exists()  # a waiting worker never creates the store itself
+    # The creation failed: the creator raises, and every other worker says why.
+    blocked = tmp_path / "no-dir"
+    blocked.write_text("a file where the store's directory should be")
+    pack = _worker_pack(tmp_path, "broken", BASE, token="tok2", store=blocked / "mlflow.db")
+    with pytest.raises(Exception) as raised:
         run_pack(pack)
-    assert not (tmp_path / "mlflow.db").exists()  # a worker never creates the store itself
+    said = json.loads((tmp_path / "claims" / "tok2.ready").read_text())
+    assert said["error"].startswith(type(raised.value).__name__)
+    with pytest.raises(RuntimeError, match="could not be prepared: " + type(raised.value).__name__):
+        run_pack(pack)
 
 
 def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, one_thread):
