@@ -207,6 +207,20 @@ def mark_lost(target: TrackingTarget, trial_id: str, error: str) -> None:
         retry(client.set_terminated, run.info.run_id, "FAILED")
 
 
+def job_error(exc: Exception) -> str:
+    """One line saying why a job ended without a result: where it has a traceback, its last line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    # submitit's FailedJobError: the job's traceback between two rules, then where its logs are.
+    parts = text.split("----------------------")
+    if len(parts) >= 3 and "failed during processing" in parts[0]:
+        trace = [line.strip() for line in parts[1].splitlines() if line.strip()]
+        if trace:
+            return trace[-1]
+    return text.splitlines()[-1]
+
+
 def _collect(job, pack: Pack, target: TrackingTarget, summary: Summary,
              progress: Callable[[Trial, str], None]) -> None:
     try:
@@ -214,8 +228,7 @@ def _collect(job, pack: Pack, target: TrackingTarget, summary: Summary,
     except Exception as exc:  # the job process itself died: trials it finished before stay finished
         from runner.store import finished_trials
 
-        text = str(exc).strip()
-        message = text.splitlines()[-1] if text else type(exc).__name__
+        message = job_error(exc)
         done = finished_trials(target.uri, target.sweep)
         for trial in pack.trials:
             if trial.id in done:
@@ -365,16 +378,24 @@ class Workers:
     payload: PackJob
     pack: Pack
 
-    def target(self) -> TrackingTarget | None:
-        """Where the trials log, once the worker preparing the store has said so."""
+    def _said(self) -> dict:
         from jobs.trial import ready_file
 
         try:
-            said = json.loads(ready_file(self.payload).read_text())
+            return json.loads(ready_file(self.payload).read_text())
         except (OSError, ValueError):
-            return None
-        first = self.payload.trials[0].target
+            return {}
+
+    def target(self) -> TrackingTarget | None:
+        """Where the trials log, once the worker preparing the store has said so."""
+        said, first = self._said(), self.payload.trials[0].target
         return TrackingTarget(first.uri, said["experiment_id"], first.sweep) if "experiment_id" in said else None
+
+    def store_error(self) -> str | None:
+        """Why the store could not be prepared, if the worker preparing it failed."""
+        error = self._said().get("error")
+        return f"the tracking store {self.payload.trials[0].target.uri} could not be prepared: {error}" if error \
+            else None
 
 
 def start_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], folder: Path) -> Workers:
@@ -429,12 +450,11 @@ def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = la
         try:
             job.result()
         except Exception as exc:  # a worker died: the trial it was on has no outcome
-            text = str(exc).strip()
-            errors.append(text.splitlines()[-1] if text else type(exc).__name__)
-    target = workers.target()
+            errors.append(job_error(exc))
+    target, store_error = workers.target(), workers.store_error()
     for trial in pack.trials:
         if trial.id not in reported:
-            message = errors[0] if errors else "no worker ran it"
+            message = store_error or (errors[0] if errors else "no worker ran it")
             if target is not None:  # else no run can exist: the store was never ready
                 mark_lost(target, trial.id, message)
             report(trial, {"status": "FAILED", "error": message})

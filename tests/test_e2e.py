@@ -154,3 +154,29 @@ def test_local_executor_runs_trials_as_processes(tmp_path):
     logs = list((tmp_path / "submitit").glob("*_log.out"))
     assert len(logs) == 1
     assert sorted(r.data.tags.get("reused_levels", "") for r in found) == ["", "0-2"]
+
+
+@pytest.mark.slow
+def test_local_workers_report_a_store_they_cannot_create(tmp_path):
+    (tmp_path / "not-a-dir").write_text("a file where the store's directory should be")
+    path = write_sweep(tmp_path, name="nostore")
+    path.write_text(path.read_text().replace(f"sqlite:///{tmp_path}/store/mlflow.db",
+                                             f"sqlite:///{tmp_path}/not-a-dir/mlflow.db"))
+    result = CliRunner().invoke(main, ["run", str(path), "--executor", "local", "--set", "prune.ratio=[0.8]"])
+    assert result.exit_code == 1, result.output
+    assert "finished 0, skipped 0, failed 2" in result.output
+    assert result.output.count("could not be prepared: ") == 2, result.output
+
+
+@pytest.mark.slow
+def test_job_error_is_the_last_line_of_the_jobs_traceback(tmp_path):
+    import submitit
+
+    from runner.launch import job_error
+
+    job = submitit.LocalExecutor(folder=tmp_path).submit(int, "bad value")  # fails in a real local job
+    with pytest.raises(Exception) as failed:
+        job.result()
+    assert job_error(failed.value) == "ValueError: invalid literal for int() with base 10: 'bad value'"
+    assert job_error(RuntimeError("one\ntwo")) == "two"
+    assert job_error(RuntimeError()) == "RuntimeError"
