@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.export import runs_frame  # noqa: E402
 from runner.grid import expand  # noqa: E402
-from runner.launch import EXECUTORS, packed_jobs, plan_for, run_local  # noqa: E402
+from runner.launch import EXECUTORS, packed_jobs, plan_for  # noqa: E402
+from runner.local import run_local  # noqa: E402
 from runner.spec import load_spec  # noqa: E402
 from runner.store import prepare  # noqa: E402
 

@@ -91,10 +91,10 @@ class TrialTask(submitit.helpers.Checkpointable):
 
     def __call__(self, job: TrialJob | PackJob | StageJob) -> dict[str, Any] | list[dict[str, Any]]:
         """Run the trial, the pack of trials or the stage (see ``jobs.trial``)."""
-        from jobs import trial
+        from jobs import packs, trial
 
         if isinstance(job, PackJob):
-            return trial.run_pack(job)
+            return packs.run_pack(job)
         if isinstance(job, StageJob):
             return trial.run_stage(job)
         return trial.run_trial(job)

@@ -162,8 +162,9 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
         click.echo("nothing to do")
         return
     from jobs.task import TrackingTarget
-    from runner.launch import (DEFAULT_CHECKPOINT_EVERY_S, EXECUTORS, follow_workers, packed_jobs, plan_for,
-                               run_local, start_workers, submit_slurm, threads_per_trial, uses_workers)
+    from runner.launch import (DEFAULT_CHECKPOINT_EVERY_S, EXECUTORS, packed_jobs, plan_for, submit_slurm,
+                               threads_per_trial, uses_workers)
+    from runner.local import follow_workers, run_local, start_workers
     from runner.launch import wait as wait_for
     from runner.store import prepare
 

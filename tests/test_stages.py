@@ -161,7 +161,7 @@ def test_shared_stages_give_the_results_of_trials_run_alone(tmp_path, executor, 
 
 def test_a_pack_runs_on_past_a_failing_trial_and_a_requeued_pack_skips_what_it_ran(tmp_path, one_thread):
     from jobs.task import PackJob, TrialJob
-    from jobs.trial import run_pack
+    from jobs.packs import run_pack
     from runner.store import prepare
 
     target = prepare(f"sqlite:///{tmp_path}/mlflow.db", "packs")
@@ -202,7 +202,7 @@ def _worker_pack(tmp_path, sweep, settings, token="tok", store=None):
 def test_the_first_worker_creates_the_store_and_the_others_log_to_its_experiment(tmp_path, one_thread):
     import dataclasses
 
-    from jobs.trial import run_pack
+    from jobs.packs import run_pack
 
     settings = {**BASE, "dataset.train_size": 200, "train.epochs": 1, "prune.iterations": 1}
     pack = _worker_pack(tmp_path, "ready", settings)
@@ -221,17 +221,8 @@ def test_the_first_worker_creates_the_store_and_the_others_log_to_its_experiment
     assert len(client.search_runs([said["experiment_id"]])) == 2
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_workers_give_up_when_the_store_cannot_be_prepared(tmp_path):
-    from jobs.trial import run_pack
+    from jobs.packs import run_pack
 
     # The worker that claimed the creation died before saying anything.
     (tmp_path / "claims").mkdir()
@@ -253,6 +244,7 @@ def test_workers_give_up_when_the_store_cannot_be_prepared(tmp_path):
 
 def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, one_thread):
     import jobs.trial as trial
+    from jobs.packs import run_pack
     from jobs.task import PackJob, TrialJob
     from runner.store import prepare
 
@@ -276,11 +268,11 @@ def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, 
     (tmp_path / "ck0").mkdir(exist_ok=True)
     (tmp_path / "ck0" / "outcome.json").write_text(json.dumps({"token": "tok", "outcome": first}))
     monkeypatch.setattr(trial, "train", interrupted)
-    stopped = trial.run_pack(PackJob(jobs, "tok"))
+    stopped = run_pack(PackJob(jobs, "tok"))
     assert stopped[0] == first and stopped[1]["status"] == "FAILED"
     assert (tmp_path / "ck1" / "checkpoint.pt").exists()
     monkeypatch.setattr(trial, "train", real_train)
-    outcomes = trial.run_pack(PackJob(jobs, "tok"))
+    outcomes = run_pack(PackJob(jobs, "tok"))
     assert outcomes[0] == first  # not run again
     assert outcomes[1]["status"] == "FINISHED"
     client = MlflowClient(target.uri)
@@ -293,7 +285,7 @@ def test_a_pack_interrupted_mid_trial_resumes_that_trial(tmp_path, monkeypatch, 
 @pytest.mark.slow
 def test_pack_lanes_run_at_the_same_time_on_their_share_of_the_cores(tmp_path):
     from jobs.task import PackJob, TrialJob
-    from jobs.trial import run_pack
+    from jobs.packs import run_pack
     from runner.store import prepare
 
     target = prepare(f"sqlite:///{tmp_path}/mlflow.db", "lanes")

@@ -1,0 +1,160 @@
+"""Packs of trials in one process: in order, in lanes at the same time, or shared out by local workers.
+
+A pack runs its trials one after another (``run_trial`` each); one failing trial does not
+stop the others. Each trial's outcome lands in ``<checkpoint_dir>/outcome.json`` under the
+pack's token, so a requeued pack skips what it ran, and a local ``sweep run`` reports trials
+as they finish. Lanes run parts of a pack at the same time in spawned processes, each on its
+share of the cores and its own GPU. In local workers mode every worker gets the same pack,
+runs the trajectory groups it claims first, and the first to claim it creates the tracking
+store (see ``PackJob``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.checkpoint import Checkpoint
+from jobs.task import PackJob
+from jobs.trial import run_trial
+
+
+OUTCOME_FILENAME = "outcome.json"
+
+
+def _lane_devices(lanes: int) -> list[str | None]:
+    """The GPU each lane sees (CUDA_VISIBLE_DEVICES), round-robin over the allocation's GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible else (
+        [str(i) for i in range(torch.cuda.device_count())])
+    return [gpus[i % len(gpus)] if gpus else None for i in range(lanes)]
+
+
+def _run_lane(pack: PackJob, gpu: str | None, threads: int) -> list[dict[str, Any]]:
+    """One lane of a pack, in its own process: its GPU, its share of the cores."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before this process touches CUDA
+    trials = tuple(dataclasses.replace(job, threads=threads) for job in pack.trials)
+    return run_pack(PackJob(trials, pack.token))
+
+
+def _run_lanes(pack: PackJob) -> list[dict[str, Any]]:
+    """Run the pack's lanes at the same time; outcomes in the pack's order."""
+    import multiprocessing
+
+    slots = pack.trials[0].threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or os.cpu_count() or 1
+    threads = max(1, slots // len(pack.lanes))
+    lanes = [PackJob(tuple(pack.trials[i] for i in lane), pack.token) for lane in pack.lanes]
+    # spawn: a forked child would inherit torch's thread pools and CUDA state from this process.
+    with multiprocessing.get_context("spawn").Pool(len(lanes)) as pool:
+        results = pool.starmap(_run_lane, zip(lanes, _lane_devices(len(lanes)), [threads] * len(lanes)))
+    by_id = {o["trial_id"]: o for lane in results for o in lane}
+    return [by_id[job.trial_id] for job in pack.trials]
+
+
+def _claim(path: Path) -> bool:
+    """Create ``path`` if nobody has (atomic on local and NFS filesystems); True if we did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def ready_file(pack: PackJob) -> Path:
+    """Where a workers-mode pack's store is said to be ready (see ``PackJob.prepare_store``)."""
+    return Path(pack.claim_dir or ".") / f"{pack.token}.ready"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _alive(pid_file: Path) -> bool:
+    """False once the process whose pid ``pid_file`` holds has ended (True while it is unwritten)."""
+    try:
+        pid = int(pid_file.read_text() or 0)
+    except (OSError, ValueError):
+        return True
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+def _when_store_ready(pack: PackJob) -> PackJob:
+    """Create the store if we claim it first, else wait for it; the pack with its experiment id filled in."""
+    from jobs.tracking import prepare_store
+
+    ready, creator = ready_file(pack), ready_file(pack).with_suffix(".creator")
+    first = pack.trials[0].target
+    if first.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (half a second, while others may wait)
+    if not ready.exists() and _claim(creator):
+        creator.write_text(str(os.getpid()))
+        try:
+            experiment_id = prepare_store(first.uri, first.sweep).experiment_id
+        except Exception as exc:
+            _write_atomically(ready, json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}))
+            raise
+        _write_atomically(ready, json.dumps({"experiment_id": experiment_id}))
+    while not ready.exists():
+        if not _alive(creator):
+            raise RuntimeError("the worker preparing the tracking store ended before it was ready")
+        time.sleep(0.05)
+    said = json.loads(ready.read_text())
+    if "error" in said:
+        raise RuntimeError(f"the tracking store could not be prepared: {said['error']}")
+    trials = tuple(dataclasses.replace(job, target=dataclasses.replace(job.target, experiment_id=said["experiment_id"]))
+                   for job in pack.trials)
+    return dataclasses.replace(pack, trials=trials, prepare_store=False)
+
+
+def run_pack(pack: PackJob) -> list[dict[str, Any]]:
+    """Run a pack's trials in order (or its lanes at the same time); one failing trial does not stop the others.
+
+    A requeued pack (preemption, time limit) skips the trials it already ran under this
+    submission's token and resumes the interrupted one from its checkpoint.
+    """
+    if len(pack.lanes) > 1:
+        return _run_lanes(pack)
+    if pack.prepare_store:
+        pack = _when_store_ready(pack)
+    if pack.claim_dir:
+        claimed = []
+        for group in pack.groups:
+            if _claim(Path(pack.claim_dir) / f"{pack.token}-{pack.trials[group[0]].trial_id}"):
+                claimed += run_pack(PackJob(tuple(pack.trials[i] for i in group), pack.token))
+        return claimed
+    outcomes = []
+    for job in pack.trials:
+        marker = Path(job.checkpoint_dir or ".") / OUTCOME_FILENAME
+        if job.checkpoint_dir and marker.exists():
+            done = json.loads(marker.read_text())
+            if done.get("token") == pack.token:
+                outcomes.append(done["outcome"])
+                continue
+        try:
+            outcome = run_trial(job)
+        except Exception as exc:  # the store itself failed: this trial could not even be recorded
+            outcome = {"trial_id": job.trial_id, "run_id": None, "status": "FAILED",
+                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        # A trial stopped with its checkpoint kept (out of time) is not done: a requeue resumes it.
+        if job.checkpoint_dir and not Checkpoint(job.checkpoint_dir).path.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"token": pack.token, "outcome": outcome}))
+        outcomes.append(outcome)
+    return outcomes
