@@ -24,9 +24,6 @@ from jobs.task import PackJob
 from jobs.trial import run_trial
 
 
-OUTCOME_FILENAME = "outcome.json"
-
-
 def _lane_devices(lanes: int) -> list[str | None]:
     """The GPU each lane sees (CUDA_VISIBLE_DEVICES), round-robin over the allocation's GPUs."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -67,9 +64,8 @@ def _claim(path: Path) -> bool:
     return True
 
 
-def ready_file(pack: PackJob) -> Path:
-    """Where a workers-mode pack's store is said to be ready (see ``PackJob.prepare_store``)."""
-    return Path(pack.claim_dir or ".") / f"{pack.token}.ready"
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -99,7 +95,7 @@ def _when_store_ready(pack: PackJob) -> PackJob:
     """Create the store if we claim it first, else wait for it; the pack with its experiment id filled in."""
     from jobs.tracking import prepare_store
 
-    ready, creator = ready_file(pack), ready_file(pack).with_suffix(".creator")
+    ready, creator = pack.ready_file, pack.ready_file.with_suffix(".creator")
     first = pack.trials[0].target
     if first.uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (half a second, while others may wait)
@@ -108,7 +104,7 @@ def _when_store_ready(pack: PackJob) -> PackJob:
         try:
             experiment_id = prepare_store(first.uri, first.sweep).experiment_id
         except Exception as exc:
-            _write_atomically(ready, json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}))
+            _write_atomically(ready, json.dumps({"error": _one_line(exc)}))
             raise
         _write_atomically(ready, json.dumps({"experiment_id": experiment_id}))
     while not ready.exists():
@@ -141,7 +137,7 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
         return claimed
     outcomes = []
     for job in pack.trials:
-        marker = Path(job.checkpoint_dir or ".") / OUTCOME_FILENAME
+        marker = job.outcome_file
         if job.checkpoint_dir and marker.exists():
             done = json.loads(marker.read_text())
             if done.get("token") == pack.token:
@@ -151,7 +147,7 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
             outcome = run_trial(job)
         except Exception as exc:  # the store itself failed: this trial could not even be recorded
             outcome = {"trial_id": job.trial_id, "run_id": None, "status": "FAILED",
-                       "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+                       "error": _one_line(exc)}
         # A trial stopped with its checkpoint kept (out of time) is not done: a requeue resumes it.
         if job.checkpoint_dir and not Checkpoint(job.checkpoint_dir).path.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,13 @@ imports happen inside ``TrialTask.__call__``, after the handler is in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import submitit
+
+
+OUTCOME_FILENAME = "outcome.json"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class TrialJob:
     # Seconds between checkpoints within a level (always at a level's end); 0: every epoch.
     checkpoint_every_s: float = 0.0
 
+    @property
+    def outcome_file(self) -> Path:
+        """Where the trial's outcome lands once it ended, under its pack's token (``jobs.packs``)."""
+        return Path(self.checkpoint_dir or ".") / OUTCOME_FILENAME
+
 
 @dataclass(frozen=True)
 class PackJob:
@@ -70,6 +79,11 @@ class PackJob:
     # give up if the creator ended without writing it.
     prepare_store: bool = False
 
+    @property
+    def ready_file(self) -> Path:
+        """Where a workers-mode pack's store is said to be ready, or why it is not (``prepare_store``)."""
+        return Path(self.claim_dir or ".") / f"{self.token}.ready"
+
 
 @dataclass(frozen=True)
 class StageJob:
@@ -90,7 +104,7 @@ class TrialTask(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, job: TrialJob | PackJob | StageJob) -> dict[str, Any] | list[dict[str, Any]]:
-        """Run the trial, the pack of trials or the stage (see ``jobs.trial``)."""
+        """Run the trial, the pack of trials or the stage (see ``jobs.trial``, ``jobs.packs``)."""
         from jobs import packs, trial
 
         if isinstance(job, PackJob):

@@ -35,7 +35,7 @@ def prepare_store(uri: str, sweep: str) -> TrackingTarget:
 
     Parallel processes creating a new SQLite store at once corrupt it for good, so exactly
     one process may call this for a new store: the submitting one, or in local workers mode
-    the worker that claimed the job (``jobs.trial``).
+    the worker that claimed the job (``jobs.packs``).
     """
     client = MlflowClient(uri)
     retry(client.search_experiments, max_results=1)

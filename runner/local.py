@@ -83,9 +83,8 @@ def controller_output(folder: Path) -> Iterator[None]:
 
 
 def _outcome(job: TrialJob, token: str) -> dict | None:
-    marker = Path(job.checkpoint_dir or ".") / "outcome.json"
     try:
-        done = json.loads(marker.read_text())
+        done = json.loads(job.outcome_file.read_text())
     except (OSError, ValueError):  # not there yet, or being written
         return None
     return done["outcome"] if done.get("token") == token else None
@@ -100,10 +99,8 @@ class Workers:
     pack: Pack
 
     def _said(self) -> dict:
-        from jobs.packs import ready_file
-
         try:
-            return json.loads(ready_file(self.payload).read_text())
+            return json.loads(self.payload.ready_file.read_text())
         except (OSError, ValueError):
             return {}
 
