@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from jobs.checkpoint import Checkpoint
-from jobs.task import PackJob
+from jobs.ledger import Holder, Lease, Ledger
+from jobs.task import HELD, PackJob, TrialJob
 from jobs.trial import run_trial
 
 
@@ -119,6 +120,56 @@ def _when_store_ready(pack: PackJob) -> PackJob:
     return dataclasses.replace(pack, trials=trials, prepare_store=False)
 
 
+def _run_unclaimed(job: TrialJob) -> dict[str, Any]:
+    try:
+        return run_trial(job)
+    except Exception as exc:  # the store itself failed: this trial could not even be recorded
+        return {"trial_id": job.trial_id, "run_id": None, "status": "FAILED", "error": _one_line(exc)}
+
+
+def _fenced(trial_id: str) -> None:
+    # Another process took this trial over (we were presumed dead): writing on would duplicate it.
+    print(f"lottery-sweeps: trial {trial_id} was taken over by another process; stopping", flush=True)
+    os._exit(75)
+
+
+def _run_claimed(job: TrialJob, token: str) -> dict[str, Any]:
+    """Run the trial under its ledger lease, so no other process runs it at the same time.
+
+    A trial the ledger has as finished is not run again; one another live process holds is
+    skipped (``HELD``). The ledger then records how it ended: finished, failed, or interrupted
+    when its checkpoint is kept for a requeue or a re-run to resume.
+    """
+    if not job.ledger_dir:
+        return _run_unclaimed(job)
+    book = Ledger(job.ledger_dir)
+    before = book.read(job.trial_id)
+    if before.state == "finished":
+        return {"trial_id": job.trial_id, "run_id": before.run_id, "status": "FINISHED", "error": None}
+    lease = book.claim(job.trial_id, Holder.me(token=token))
+    if not isinstance(lease, Lease):
+        holder, _ = lease
+        who = holder.describe() if holder else "another process"
+        return {"trial_id": job.trial_id, "run_id": None, "status": HELD, "error": f"already held by {who}"}
+    lease.keep_alive(on_lost=lambda: _fenced(job.trial_id))
+    book.update(job.trial_id, state="running", attempts=before.attempts + 1, holder=lease.holder,
+                token=token, error="")
+    ended = "interrupted"
+    outcome: dict[str, Any] = {}
+    try:
+        outcome = _run_unclaimed(job)
+        kept = job.checkpoint_dir and Checkpoint(job.checkpoint_dir).path.exists()
+        ended = "finished" if outcome["status"] == "FINISHED" else ("interrupted" if kept else "failed")
+    finally:  # also on Ctrl-C, SIGTERM (submitit raises) and a requeue: the state says interrupted
+        try:
+            book.update(job.trial_id, state=ended, error=outcome.get("error") or "",
+                        run_id=outcome.get("run_id") or before.run_id)
+        except OSError as exc:  # disk full: the lease's release below still lets a re-run in
+            print(f"lottery-sweeps: could not record trial {job.trial_id} as {ended}: {exc}", flush=True)
+        lease.release()
+    return outcome
+
+
 def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     """Run a pack's trials in order (or its lanes at the same time); one failing trial does not stop the others.
 
@@ -143,11 +194,10 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
             if done.get("token") == pack.token:
                 outcomes.append(done["outcome"])
                 continue
-        try:
-            outcome = run_trial(job)
-        except Exception as exc:  # the store itself failed: this trial could not even be recorded
-            outcome = {"trial_id": job.trial_id, "run_id": None, "status": "FAILED",
-                       "error": _one_line(exc)}
+        outcome = _run_claimed(job, pack.token)
+        if outcome["status"] == HELD:  # another live process runs it: its result is its own to report
+            outcomes.append(outcome)
+            continue
         # A trial stopped with its checkpoint kept (out of time) is not done: a requeue resumes it.
         if job.checkpoint_dir and not Checkpoint(job.checkpoint_dir).path.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)

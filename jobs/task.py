@@ -15,6 +15,8 @@ import submitit
 
 
 OUTCOME_FILENAME = "outcome.json"
+# A trial's outcome when another live process holds its ledger lease (``jobs.ledger``).
+HELD = "HELD"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class TrialJob:
     wait_for_stages: bool = True
     # Seconds between checkpoints within a level (always at a level's end); 0: every epoch.
     checkpoint_every_s: float = 0.0
+    # The sweep's ledger (``jobs.ledger``): the trial is claimed there before it runs.
+    ledger_dir: str | None = None
 
     @property
     def outcome_file(self) -> Path:

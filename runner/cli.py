@@ -84,15 +84,16 @@ def plan(file, fmt, overrides, tracking_uri):
 
         click.echo(pd.DataFrame(rows).to_csv(index=False), nl=False)
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{spec.name}: {size} grid points, {len(trials)} unique trials, "
-                        f"{sum(r['finished'] for r in rows)} finished")
+    table = Table(title=escape(f"{spec.name}: {size} grid points, {len(trials)} unique trials, "
+                               f"{sum(r['finished'] for r in rows)} finished"))
     columns = list(rows[0]) if rows else ["trial_id", "name", "finished"]
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*(("yes" if v else "no") if k == "finished" else str(v) for k, v in row.items()))
+        table.add_row(*(("yes" if v else "no") if k == "finished" else escape(str(v)) for k, v in row.items()))
     _console().print(table)
     workers = spec.launcher.get("max_parallel", 2) if uses_workers(executor, spec.launcher) else None
     click.echo(f"{len(todo)} trials to run on '{executor}': {stage_plan.saved(workers)}")
@@ -106,13 +107,13 @@ def sweep_folder(spec) -> Path:
     return Path(spec.launcher.get("folder", Path(".submitit") / slug))
 
 
-def _statuses(file, overrides, launcher_overrides, tracking_uri):
+def _statuses(file, overrides, launcher_overrides, tracking_uri, spec=None):
     """Load the sweep and the state of each of its trials: (spec, uri, trials, statuses, note)."""
     from runner.grid import expand
     from runner.status import trial_statuses
     from runner.store import resolve_uri
 
-    spec = _load(file, overrides, launcher_overrides)
+    spec = spec or _load(file, overrides, launcher_overrides)
     uri = resolve_uri(tracking_uri, spec.tracking)
     _, trials = expand(spec)
     statuses, note = trial_statuses(trials, spec.name, uri, sweep_folder(spec))
@@ -140,13 +141,26 @@ launcher_option = click.option("--launcher", "launcher_overrides", multiple=True
 @spec_errors
 def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, launcher_overrides, tracking_uri):
     """Run every trial of a sweep that has not finished and is not queued or running."""
-    from runner.status import ACTIVE
+    from runner.submission import hold_submission
 
-    spec, uri, trials, statuses, note = _statuses(file, overrides, launcher_overrides, tracking_uri)
+    spec = _load(file, overrides, launcher_overrides)
+    folder = sweep_folder(spec)
+    # One submission of a sweep at a time: a second `sweep run` would run its trials again.
+    with hold_submission(folder, spec.name, dry_run):
+        _run(file, spec, folder, executor, max_parallel, dry_run, wait, retry_failed, overrides, launcher_overrides,
+             tracking_uri)
+
+
+def _run(file, spec, folder, executor, max_parallel, dry_run, wait, retry_failed, overrides, launcher_overrides,
+         tracking_uri):
+    from runner.status import ACTIVE
+    from runner.submission import assign_jobs, mark_queued
+
+    spec, uri, trials, statuses, note = _statuses(file, overrides, launcher_overrides, tracking_uri, spec)
     executor = executor or spec.launcher.get("executor", "local")
     max_parallel = max_parallel or spec.launcher.get("max_parallel", 2)
-    folder = sweep_folder(spec)
-    wanted = ("failed", "cancelled") if retry_failed else ("not submitted", "failed", "cancelled")
+    wanted = ("failed", "cancelled", "interrupted") if retry_failed else (
+        "not submitted", "failed", "cancelled", "interrupted")
     todo = [st.trial for st in statuses if st.state in wanted]
     n_done = sum(st.state == "finished" for st in statuses)
     n_active = sum(st.state in ACTIVE for st in statuses)
@@ -179,11 +193,13 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
                          workers=workers, checkpoint_every_s=spec.launcher.get(
                              "checkpoint_every_s", DEFAULT_CHECKPOINT_EVERY_S))
     if executor == "slurm":
+        mark_queued(folder, todo, executor)
         try:
             submitted = submit_slurm(ex, packed, stage_plan, folder, threads_per_trial(executor, max_parallel))
         except Exception as exc:  # sbatch refused (limits, bad partition...): say it in one line
             first = str(exc).strip().splitlines()
             raise click.ClickException(f"sbatch failed: {first[-1] if first else type(exc).__name__}") from None
+        assign_jobs(folder, {trial.id: str(job.job_id) for job, pack in submitted for trial in pack.trials})
         arrays = sorted({str(j.job_id).split("_")[0] for j, _ in submitted})
         if stage_plan.stage_jobs:
             click.echo(f"dense stages first: {len(stage_plan.stage_jobs)} stage job(s); the trials' arrays "
@@ -195,13 +211,19 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
             return
         summary = _with_progress(len(todo), lambda progress: wait_for(submitted, target, progress))
     elif workers:
+        mark_queued(folder, todo, executor)
         started = start_workers(ex, packed, folder)
         summary = _with_progress(len(todo), lambda progress: follow_workers(started, progress))
     else:
+        mark_queued(folder, todo, executor)
         summary = _with_progress(len(todo), lambda progress: run_local(
             ex, executor, packed, target, folder, max_parallel, progress))
-    click.echo(f"finished {len(summary.finished)}, skipped {len(trials) - len(todo)}, failed {len(summary.failed)}")
+    held = f", running elsewhere {len(summary.held)}" if summary.held else ""
+    click.echo(f"finished {len(summary.finished)}, skipped {len(trials) - len(todo)}, failed {len(summary.failed)}"
+               f"{held}")
     names = {t.id: t.name for t in trials}
+    for tid, why in summary.held.items():
+        click.echo(f"  not run twice: {tid} {names[tid]}: {why}", err=True)
     for tid, error in summary.failed.items():
         click.echo(f"  FAILED {tid} {names[tid]}: {error}", err=True)
     if not summary.ok:
@@ -209,6 +231,7 @@ def run(file, executor, max_parallel, dry_run, wait, retry_failed, overrides, la
 
 
 def _with_progress(total, body):
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -217,7 +240,7 @@ def _with_progress(total, body):
         task = bar.add_task("trials", total=total, last="")
 
         def progress(trial, status):
-            bar.update(task, advance=1, last=f"{status}: {trial.name}")
+            bar.update(task, advance=1, last=escape(f"{status}: {trial.name}"))
 
         return body(progress)
 
@@ -249,13 +272,14 @@ def status(file, fmt, overrides, launcher_overrides, tracking_uri):
 
         click.echo(pd.DataFrame(rows).to_csv(index=False), nl=False)
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{spec.name}: {summary}")
+    table = Table(title=escape(f"{spec.name}: {summary}"))
     for col in ("trial_id", "name", "state", "job_id", "elapsed", "last_level", "error", "log"):
         table.add_column(col)
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        table.add_row(*(escape(str(v)) for v in row.values()))
     _console().print(table)
     if note:
         click.echo(f"note: {note}", err=True)

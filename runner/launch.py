@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import submitit
 
-from jobs.task import PackJob, StageJob, TrackingTarget, TrialJob, TrialTask
+from jobs.ledger import Ledger
+from jobs.task import HELD, PackJob, StageJob, TrackingTarget, TrialJob, TrialTask
 from jobs.retrying import retry
 from runner import records, scheduler
 from runner.grid import Trial
@@ -79,10 +80,23 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
+    held: dict[str, str] = field(default_factory=dict)
+
     @property
     def ok(self) -> bool:
         """True when no trial failed."""
         return not self.failed
+
+    def account(self, trial_id: str, outcome: dict[str, Any]) -> str:
+        """Book one trial's outcome; returns what the progress display says of it."""
+        if outcome["status"] == "FINISHED":
+            self.finished.append(trial_id)
+            return "finished"
+        if outcome["status"] == HELD:
+            self.held[trial_id] = outcome["error"]
+            return "running elsewhere"
+        self.failed[trial_id] = outcome["error"]
+        return "failed"
 
 
 def threads_per_trial(executor: str, max_parallel: int) -> int | None:
@@ -103,7 +117,8 @@ def payloads(trials: list[Trial], target: TrackingTarget, executor: str, folder:
                      str((folder / "checkpoints" / t.id).resolve()), stage_dir=stage_dir,
                      save_levels=stage_plan.save_levels.get(t.id, ()) if stage_plan else (),
                      # On SLURM a job waiting on another's lock would hold its GPU idle.
-                     wait_for_stages=executor != "slurm", checkpoint_every_s=checkpoint_every_s)
+                     wait_for_stages=executor != "slurm", checkpoint_every_s=checkpoint_every_s,
+                     ledger_dir=str(Ledger.of(folder).root))
             for t in trials]
 
 
@@ -237,11 +252,7 @@ def collect(job, pack: Pack, target: TrackingTarget, summary: Summary,
     by_id = {o["trial_id"]: o for o in (outcomes if isinstance(outcomes, list) else [outcomes])}
     for trial in pack.trials:
         outcome = by_id.get(trial.id, {"status": "FAILED", "error": "the job returned no outcome for it"})
-        if outcome["status"] == "FINISHED":
-            summary.finished.append(trial.id)
-        else:
-            summary.failed[trial.id] = outcome["error"]
-        progress(trial, "failed" if trial.id in summary.failed else "finished")
+        progress(trial, summary.account(trial.id, outcome))
 
 
 def job_records(job, pack: Pack, executor: str) -> list[records.JobRecord]:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
+from jobs.ledger import Ledger
 from jobs.task import PackJob, TrackingTarget, TrialJob, TrialTask
 from runner import records
 from runner.grid import Trial
@@ -90,6 +91,21 @@ def _outcome(job: TrialJob, token: str) -> dict | None:
     return done["outcome"] if done.get("token") == token else None
 
 
+def _ledger_outcome(book: Ledger | None, trial_id: str, since: float) -> dict | None:
+    """A trial's outcome from the ledger, once it ended after ``since`` (perhaps run by another process)."""
+    if book is None:
+        return None
+    state = book.read(trial_id)
+    if state.state not in ("finished", "failed") or state.updated_at < since:
+        return None
+    return {"status": "FINISHED" if state.state == "finished" else "FAILED", "error": state.error}
+
+
+def _held_elsewhere(book: Ledger | None, pack: Pack, reported: set[str]) -> bool:
+    """True while a trial not yet reported is held by a live process (a worker of an earlier run)."""
+    return book is not None and any(book.holder(t.id)[1] for t in pack.trials if t.id not in reported)
+
+
 @dataclass
 class Workers:
     """Local workers started on one shared pack (see ``PackJob.prepare_store``)."""
@@ -97,6 +113,7 @@ class Workers:
     jobs: list[Any]
     payload: PackJob
     pack: Pack
+    started: float = 0.0
 
     def _said(self) -> dict:
         try:
@@ -123,11 +140,13 @@ def start_workers(ex: submitit.Executor, packed: list[tuple[PackJob, Pack]], fol
     log file (see ``controller_output``).
     """
     payload, pack = packed[0]
+    started = time.time()
     with controller_output(folder):
         jobs = [ex.submit(TrialTask(), payload) for _ in packed]
-    records.append(folder, [records.record_for(jobs[i % len(jobs)], t.id, t.name, "local")
-                            for i, t in enumerate(pack.trials)])
-    return Workers(jobs, payload, pack)
+    # Which worker runs which trial is only known once one claims it (the ledger says): the
+    # records say which submission the trials belong to, with the first worker's log.
+    records.append(folder, [records.record_for(jobs[0], t.id, t.name, "local") for t in pack.trials])
+    return Workers(jobs, payload, pack, started)
 
 
 def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = lambda trial, status: None
@@ -140,21 +159,21 @@ def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = la
 
     def report(trial: Trial, outcome: dict) -> None:
         reported.add(trial.id)
-        if outcome["status"] == "FINISHED":
-            summary.finished.append(trial.id)
-        else:
-            summary.failed[trial.id] = outcome["error"]
-        progress(trial, "finished" if outcome["status"] == "FINISHED" else "failed")
+        progress(trial, summary.account(trial.id, outcome))
 
+    def landed(trial: Trial) -> dict | None:
+        return _outcome(by_id[trial.id], payload.token) or _ledger_outcome(book, trial.id, workers.started)
+
+    book = Ledger(payload.trials[0].ledger_dir) if payload.trials[0].ledger_dir else None
     try:
         while True:
             alive = not all(job.done() for job in jobs)
             for trial in pack.trials:
-                if trial.id not in reported and (outcome := _outcome(by_id[trial.id], payload.token)):
+                if trial.id not in reported and (outcome := landed(trial)):
                     report(trial, outcome)
             # Every trial accounted for: the workers only have their exit left (about a second
             # of interpreter teardown with torch loaded), which nobody needs to wait for.
-            if not alive or len(reported) == len(pack.trials):
+            if len(reported) == len(pack.trials) or not alive and not _held_elsewhere(book, pack, reported):
                 break
             time.sleep(0.1 + 1e-4 * (len(pack.trials) - len(reported)))  # many markers to read: read less often
     except KeyboardInterrupt:

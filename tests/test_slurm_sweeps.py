@@ -152,7 +152,7 @@ def test_cancel_then_retry_failed_resumes(tmp_path):
     after = wait_until(path, lambda s: next(t for t in s["trials"] if t["trial_id"] == slow["trial_id"])["state"]
                        == "cancelled")
     assert next(t for t in after["trials"] if t["trial_id"] != slow["trial_id"])["state"] in ("finished", "running",
-                                                                                               "pending")
+                                                                                               "queued")
     wait_until(path, lambda s: s["counts"].get("finished") == 1)
     dry = sweep("run", str(path), "--retry-failed", "--dry-run", cwd=tmp_path)
     assert dry.stdout.count("would run") == 1 and slow["trial_id"] in dry.stdout
