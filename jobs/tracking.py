@@ -57,7 +57,8 @@ def prepare_store(uri: str, sweep: str) -> TrackingTarget:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A value to log as a metric: NaN and inf too (a diverged epoch's loss must show, not vanish)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class TrialRun:
@@ -73,7 +74,8 @@ class TrialRun:
             # logged again (it may have died between logging a level and checkpointing it).
             self.run_id = resume_run_id
             retry(self.client.update_run, self.run_id, status="RUNNING")
-            for key in ("accuracy", "quant.accuracy", "epoch.train_loss", "epoch.test_accuracy", "epoch.lr"):
+            # Every key the run has, so no (key, step) is written twice (the timings included).
+            for key in retry(self.client.get_run, self.run_id).data.metrics:
                 self.logged |= {(key, m.step) for m in retry(self.client.get_metric_history, self.run_id, key)}
             retry(self.client.log_batch, self.run_id,
                   tags=[RunTag(k, str(v)) for k, v in tags.items()] + [RunTag("resumed", "true")])
@@ -161,9 +163,12 @@ class TrialRun:
         self._artifacts(rows, config, tables or {}, {})
         retry(self.client.set_terminated, self.run_id, "FINISHED")
 
-    def fail(self, rows: list[dict], config: dict, traceback_text: str) -> None:
-        """Store what finished plus the traceback, then mark the run FAILED."""
-        error = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else "unknown error"
-        retry(self.client.set_tag, self.run_id, "error", error[:5000])
+    def fail(self, rows: list[dict], config: dict, traceback_text: str, error: str | None = None,
+             tags: dict[str, str] | None = None) -> None:
+        """Store what finished and the traceback; mark the run FAILED, tagged ``error`` (or the last line), ``tags``."""
+        if error is None:
+            error = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else "unknown error"
+        retry(self.client.log_batch, self.run_id,
+              tags=[RunTag("error", error[:5000])] + [RunTag(k, str(v)) for k, v in (tags or {}).items()])
         self._artifacts(rows, config, {}, {TRACEBACK_ARTIFACT: traceback_text})
         retry(self.client.set_terminated, self.run_id, "FAILED")

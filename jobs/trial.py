@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import time
@@ -37,7 +38,7 @@ from jobs.quantization import QuantData, layer_weights, quantize
 from jobs.stages import StageCache, level_keys, levels_of
 from jobs.task import StageJob, TrialJob
 from jobs.tracking import TrialRun, retry
-from jobs.train import lr_at, make_loader, resolve_device, train
+from jobs.train import Diverged, lr_at, make_loader, resolve_device, train
 
 EVAL_BATCH = 256
 
@@ -269,17 +270,23 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
                 if level == 0:
                     capture(epoch + 1, "epoch")
                 # Small models train an epoch in milliseconds: a state per epoch would cost as
-                # much as the epoch. A requeued trial resumes from the last state, RNG included.
-                if save_due():
+                # much as the epoch. A requeued trial resumes from the last state, RNG included;
+                # never from a diverged one, which would only diverge again, an epoch later.
+                if save_due() and math.isfinite(loss):
                     save(level, epoch + 1, optimizer, seconds)
 
-            seconds = train(model, loader, cfg.train, device, epochs=epochs,
-                            start_epoch=start_epoch if resuming else 0,
-                            optimizer_state=optimizer_state if resuming else None,
-                            epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
-                            on_epoch=end_of_epoch,
-                            on_step=(lambda step: capture(step, "step")) if level == 0 else None,
-                            elapsed=elapsed if resuming else 0.0)
+            try:
+                seconds = train(model, loader, cfg.train, device, epochs=epochs,
+                                start_epoch=start_epoch if resuming else 0,
+                                optimizer_state=optimizer_state if resuming else None,
+                                epoch_seed=lambda epoch: derive_seed(cfg.seed, "data", level, epoch),
+                                on_epoch=end_of_epoch,
+                                on_step=(lambda step: capture(step, "step")) if level == 0 else None,
+                                elapsed=elapsed if resuming else 0.0, level=level)
+            except Diverged:
+                # The level's curve up to the non-finite loss is the evidence: log it before failing.
+                on_curve([point for point in result.curves if point["level"] == level])
+                raise
             on_curve([point for point in result.curves if point["level"] == level])
             row = float_row(model, level, data.input_shape, test_loader, device, flops, seconds)
             stats = layer_stats(model, data.input_shape).assign(level=level)
@@ -304,7 +311,10 @@ def execute(cfg: TrialConfig, on_row: Callable[[dict], None] = lambda row: None,
         calibration = make_loader(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
         quant_data = QuantData(calibration=calibration, train_loader=loader, train_cfg=cfg.train, device=device,
                                epoch_seed=lambda epoch: derive_seed(cfg.seed, "qat", epoch))
-        qmodel = quantize(model.to("cpu"), cfg.quant, quant_data)
+        try:
+            qmodel = quantize(model.to("cpu"), cfg.quant, quant_data)
+        except Diverged as exc:  # qat fine-tuning: train() there does not know the level
+            raise Diverged(levels, exc.epoch, exc.loss) from exc
         row = quant_row(model, qmodel, cfg.quant.mode, levels, data.input_shape, test_loader, flops)
         result.tables["weight_histograms.csv"] = (result.tables.get("weight_histograms.csv", []) +
                                                   weight_histograms(qmodel).assign(stage=cfg.quant.mode)
@@ -373,7 +383,11 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     def log_timings(values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        retry(run.client.log_batch, run.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        # A resumed run keeps the timings its interrupted attempt logged at this step (once per step).
+        fresh = [Metric(k, v, now, step) for k, v in values.items() if (k, step) not in run.logged]
+        if fresh:
+            retry(run.client.log_batch, run.run_id, metrics=fresh)
+            run.logged |= {(m.key, step) for m in fresh}
 
     try:
         result = execute(cfg, on_row, checkpoint, on_curve=tracking.timed(run.log_curve), stages=stages,
@@ -381,12 +395,15 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     except Exception as exc:
         text = traceback.format_exc()
         log_timings(timings(), int(partial.rows[-1]["level"]) if partial.rows else 0)
-        run.fail(partial.rows, job.settings, text)
-        # Out of time for good: keep the state so that a later `sweep run` resumes it.
+        # Divergence is an outcome, not a bug: its own message, no exception class in front.
+        error = str(exc) if isinstance(exc, Diverged) else text.strip().splitlines()[-1]
+        run.fail(partial.rows, job.settings, text, error=error,
+                 tags={"diverged": "true"} if isinstance(exc, Diverged) else None)
+        # Out of time for good: keep the state so that a later `sweep run` resumes it. A diverged
+        # trial's state goes too: it is deterministic, so resuming it would diverge again.
         if checkpoint is not None and not isinstance(exc, submitit.core.utils.UncompletedJobError):
             checkpoint.clear()
-        return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED",
-                "error": text.strip().splitlines()[-1]}
+        return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED", "error": error}
     spent = timings()
     log_timings(spent, levels_of(cfg))
     run.finish(result.rows, job.settings, {"curves.csv": result.curves, **result.tables})

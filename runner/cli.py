@@ -293,7 +293,8 @@ def status(file, fmt, overrides, launcher_overrides, tracking_uri):
 @uri_option
 @spec_errors
 def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
-    """Cancel the sweep's queued and running SLURM jobs (or only some trials')."""
+    """Cancel the sweep's queued and running SLURM jobs (or only some trials'), or interrupt its local run."""
+    from jobs.ledger import Ledger
     from runner import scheduler
     from runner.status import ACTIVE
 
@@ -301,18 +302,44 @@ def cancel(file, trial_ids, overrides, launcher_overrides, tracking_uri):
     unknown = set(trial_ids) - {t.id for t in trials}
     if unknown:
         raise click.ClickException(f"not trials of {spec.name}: {', '.join(sorted(unknown))}")
-    chosen = [st for st in statuses if st.state in ACTIVE and st.job_id and (not trial_ids or st.trial.id in trial_ids)]
+    active = [st for st in statuses if st.state in ACTIVE and (not trial_ids or st.trial.id in trial_ids)]
+    chosen = [st for st in active if st.executor == "slurm" and st.job_id]
+    if any(st.executor != "slurm" for st in active):
+        _stop_local_run(spec, sweep_folder(spec), bool(trial_ids))
     stages = [] if trial_ids else _active_stage_jobs(sweep_folder(spec))
     if not chosen and not stages:
-        click.echo("nothing queued or running to cancel")
+        if not active:
+            click.echo("nothing queued or running to cancel")
         return
     ok, message = scheduler.cancel([st.job_id for st in chosen] + stages)
     if not ok:
         raise click.ClickException(f"scancel failed: {message}")
+    book = Ledger.of(sweep_folder(spec))
     for st in chosen:
+        book.update(st.trial.id, state="cancelled", error="cancelled by sweep cancel")
         click.echo(f"cancelled {st.trial.id} {st.trial.name} (job {st.job_id})")
     if stages:
         click.echo(f"cancelled {len(stages)} dense stage job(s)")
+
+
+def _stop_local_run(spec, folder: Path, some_trials: bool) -> None:
+    """Local trials belong to the `sweep run` that started them: interrupt it (as Ctrl-C would)."""
+    import os
+    import signal
+    import socket
+
+    from jobs.ledger import SUBMISSION, Ledger
+
+    if some_trials:
+        raise click.ClickException("local trials cannot be cancelled one by one (their workers share them out); "
+                                   "stop the whole `sweep run` with `sweep cancel FILE` or Ctrl-C")
+    holder, live = Ledger.of(folder).holder(SUBMISSION)
+    if not live or holder is None or holder.host != socket.gethostname():
+        where = f" on {holder.host}" if holder is not None and live else ""
+        raise click.ClickException(f"the `sweep run` of {spec.name} runs{where} elsewhere: stop it there")
+    os.kill(holder.pid, signal.SIGTERM)
+    click.echo(f"interrupted the `sweep run` of {spec.name} ({holder.describe()}); its trials stop at their "
+               "checkpoints and a re-run resumes them")
 
 
 def _active_stage_jobs(folder: Path) -> list[str]:

@@ -31,6 +31,7 @@ class TrialStatus:
     run_id: str = ""
     holder: str = ""
     attempts: int = 0
+    executor: str = ""
 
 
 def _pid_alive(job_id: str) -> bool:
@@ -118,7 +119,8 @@ def trial_statuses(trials: list[Trial], sweep: str, uri: str, folder: Path) -> t
             error=error.strip().splitlines()[0] if error.strip() else "",
             log=record.stdout if record and state in ("failed", "cancelled", "interrupted") else "",
             run_id=run.info.run_id if run is not None else "",
-            holder=holder.describe() if live and holder else "", attempts=entry.attempts))
+            holder=holder.describe() if live and holder else "", attempts=entry.attempts,
+            executor=entry.extra.get("executor") or (record.executor if record else "")))
     return out, note
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -45,10 +47,24 @@ def hold_submission(folder: Path, sweep: str, dry_run: bool = False) -> Iterator
         raise SweepBusy(f"sweep '{sweep}' is already being run by {who}{what}; "
                         "follow it with `sweep status`, or stop that process and run again")
     got.keep_alive()
+    previous = _stop_on_sigterm()
     try:
         yield
     finally:
         got.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`sweep cancel`, a closed session) stops the run like Ctrl-C: workers cancelled, lease released."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupted)
 
 
 def mark_queued(folder: Path, trials, executor: str) -> None:

@@ -79,3 +79,19 @@ def test_two_different_sweeps_in_one_fresh_directory(tmp_path):
     assert [code for code, _ in outputs] == [0, 0], outputs
     status = sweep("status", str(paths[1]), "--format", "json", cwd=tmp_path)
     assert status.returncode == 0 and '"finished": 4' in status.stdout, status.stdout + status.stderr
+
+
+def test_cancel_interrupts_a_local_run_and_a_rerun_resumes(tmp_path):
+    path = write_sweep(tmp_path, epochs=5)
+    proc = start("run", str(path), cwd=tmp_path)
+    wait_for(lambda: running_holders(path))
+    cancel = sweep("cancel", str(path), cwd=tmp_path)
+    assert cancel.returncode == 0 and "interrupted the `sweep run`" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert proc.wait(timeout=120) != 0
+    import json
+
+    counts = json.loads(sweep("status", str(path), "--format", "json", cwd=tmp_path).stdout)["counts"]
+    assert counts.get("running", 0) == 0 and counts.get("interrupted", 0) >= 1, counts
+    rerun = sweep("run", str(path), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_exactly_once(path)
