@@ -3,7 +3,8 @@
 Every function works on float models, pruned (torch.nn.utils.prune masks) or not, on the CPU;
 ``evaluate``, ``latency*``, ``serialized_size``, ``sparse_size``, ``quant_error`` and
 ``weight_histograms`` also take the models of every quantization mode. Nothing here changes the
-model passed in (work happens on copies where a model has to move or be stripped).
+model passed in (work happens on copies where a model has to move or be stripped). NaN or inf
+weights (a diverged model) give NaN or inf measurements, never an exception.
 
 Cost conventions (ShrinkBench, Blalock et al. 2020, ``metrics/flops.py`` and ``metrics/size.py``):
 only Linear and Conv2d layers are counted; a MAC is one multiply-accumulate, FLOPs = 2 x MACs
@@ -318,17 +319,26 @@ def weight_histograms(model: nn.Module, bins: int = 50) -> pd.DataFrame:
     """Histogram of the nonzero weights of every Linear / Conv2d layer (float or quantized).
 
     Columns ``layer``, ``bin_left``, ``bin_right``, ``count``: ``bins`` equal-width bins from the
-    layer's smallest to largest nonzero weight (the last bin includes its right edge, so counts add
-    up to the layer's nonzero weights); a layer with no nonzero weight has no rows. Quantized
-    layers are histogrammed dequantized.
+    layer's smallest to largest finite nonzero weight (the last bin includes its right edge), then
+    one row per kind of non-finite weight the layer has (a diverged model), with both edges that
+    value (``nan``, ``inf``, ``-inf``). Counts add up to the layer's nonzero weights; a layer with
+    no nonzero weight has no rows. Quantized layers are histogrammed dequantized.
     """
     rows = []
     for name, weight in layer_weights(model):
         values = weight.detach().cpu().flatten()
         values = values[values != 0].double().numpy()
-        if values.size == 0:
-            continue
-        counts, edges = np.histogram(values, bins=bins)
-        rows.extend({"layer": name, "bin_left": float(edges[i]), "bin_right": float(edges[i + 1]),
-                     "count": int(counts[i])} for i in range(len(counts)))
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            counts, edges = np.histogram(finite, bins=bins)
+            rows.extend({"layer": name, "bin_left": float(edges[i]), "bin_right": float(edges[i + 1]),
+                         "count": int(counts[i])} for i in range(len(counts)))
+        rows.extend({"layer": name, "bin_left": edge, "bin_right": edge, "count": count}
+                    for edge, count in _non_finite_counts(values).items() if count)
     return pd.DataFrame(rows, columns=["layer", "bin_left", "bin_right", "count"])
+
+
+def _non_finite_counts(values: np.ndarray) -> dict[float, int]:
+    """How many of ``values`` are NaN, +inf and -inf."""
+    return {math.nan: int(np.isnan(values).sum()), math.inf: int(np.isposinf(values).sum()),
+            -math.inf: int(np.isneginf(values).sum())}

@@ -19,6 +19,14 @@ OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {
 }
 
 
+class Diverged(ArithmeticError):
+    """A non-finite training loss: the trial stops at this level, for good (a re-run diverges the same way)."""
+
+    def __init__(self, level: int | None, epoch: int, loss: float):
+        super().__init__(f"diverged at level {level} epoch {epoch} (loss {loss})")
+        self.level, self.epoch, self.loss = level, epoch, loss
+
+
 def resolve_device(setting: str) -> torch.device:
     """``auto`` means the GPU when the node has one, else the CPU."""
     if setting == "auto":
@@ -82,13 +90,15 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, *,
           epochs: int | None = None, start_epoch: int = 0, optimizer_state: dict | None = None,
           epoch_seed: Callable[[int], int] | None = None,
           on_epoch: Callable[[int, float, torch.optim.Optimizer, float], None] | None = None,
-          on_step: Callable[[int], None] | None = None, elapsed: float = 0.0) -> float:
+          on_step: Callable[[int], None] | None = None, elapsed: float = 0.0, level: int | None = None) -> float:
     """Train epochs ``start_epoch..epochs-1``; return the training time in seconds (incl. ``elapsed``).
 
     ``epoch_seed(epoch)`` fixes each epoch's data order and the learning rate is a function of
     the epoch, so a run resumed at an epoch boundary sees the same batches and rates as an
     uninterrupted one. ``on_epoch(epoch, mean_loss, optimizer, seconds)`` runs after every
     epoch (checkpointing, curves), ``on_step(step)`` after every optimizer step (late rewinding).
+    An epoch whose mean loss is not finite still reaches ``on_epoch`` (its curve shows the
+    divergence), then raises ``Diverged`` naming ``level`` and the epoch.
     ``train.amp``, ``train.channels_last`` and ``train.compile`` apply to float models only: a
     fake-quantized (QAT) model trains in float32, contiguous and eager, because its observers
     set the int8 scales. The model leaves in the contiguous format it came in.
@@ -139,10 +149,16 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: torch.device, *,
                 count += len(targets)
                 if on_step is not None:
                     on_step(step)
+                # On the CPU the check is free, and the rest of the epoch would train NaN weights; on
+                # a GPU it would sync every step, so the sum (NaN or inf once any batch is) waits.
+                if device.type == "cpu" and not math.isfinite(total):
+                    break
             mean_loss = total.item() / max(count, 1)  # also waits for the GPU to finish the epoch
             elapsed += time.perf_counter() - start
             if on_epoch is not None:
                 on_epoch(epoch, mean_loss, optimizer, elapsed)
+            if not math.isfinite(mean_loss):
+                raise Diverged(level, epoch, mean_loss)
     finally:
         model.to(memory_format=torch.contiguous_format)
     return elapsed
