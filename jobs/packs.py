@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from jobs.atomicio import read_json, write_json
 from jobs.checkpoint import Checkpoint
 from jobs.ledger import Holder, Lease, Ledger
 from jobs.task import HELD, PackJob, TrialJob
@@ -69,12 +70,6 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _alive(pid_file: Path) -> bool:
     """False once the process whose pid ``pid_file`` holds has ended (True while it is unwritten)."""
     try:
@@ -105,9 +100,9 @@ def _when_store_ready(pack: PackJob) -> PackJob:
         try:
             experiment_id = prepare_store(first.uri, first.sweep).experiment_id
         except Exception as exc:
-            _write_atomically(ready, json.dumps({"error": _one_line(exc)}))
+            write_json(ready, {"error": _one_line(exc)})
             raise
-        _write_atomically(ready, json.dumps({"experiment_id": experiment_id}))
+        write_json(ready, {"experiment_id": experiment_id})
     while not ready.exists():
         if not _alive(creator):
             raise RuntimeError("the worker preparing the tracking store ended before it was ready")
@@ -189,18 +184,21 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     outcomes = []
     for job in pack.trials:
         marker = job.outcome_file
-        if job.checkpoint_dir and marker.exists():
-            done = json.loads(marker.read_text())
-            if done.get("token") == pack.token:
-                outcomes.append(done["outcome"])
-                continue
+        # A corrupt marker (a crash or a full disk of an older tool) reads as none: the trial runs again.
+        done = read_json(marker, ("token", "outcome")) if job.checkpoint_dir else None
+        if done is not None and done["token"] == pack.token:
+            outcomes.append(done["outcome"])
+            continue
         outcome = _run_claimed(job, pack.token)
         if outcome["status"] == HELD:  # another live process runs it: its result is its own to report
             outcomes.append(outcome)
             continue
         # A trial stopped with its checkpoint kept (out of time) is not done: a requeue resumes it.
         if job.checkpoint_dir and not Checkpoint(job.checkpoint_dir).path.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"token": pack.token, "outcome": outcome}))
+            try:
+                write_json(marker, {"token": pack.token, "outcome": outcome})
+            except OSError as exc:  # disk full: the trial says so, and the pack goes on with the next one
+                if outcome["status"] == "FINISHED":
+                    outcome = {**outcome, "status": "FAILED", "error": _one_line(exc)}
         outcomes.append(outcome)
     return outcomes

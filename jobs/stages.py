@@ -18,6 +18,9 @@ Caveats:
   working ``flock`` (local disks and NFSv4 do; some Lustre mounts need ``-o flock``).
 - Entries stay after the sweep, so a later sweep run that adds ratios or quant modes reuses
   the dense models; delete ``<folder>/stages/`` to reclaim the space.
+- Entries are written atomically (``jobs.atomicio``). A corrupt one (truncated by a disk fault
+  or a crash of an older tool) is moved aside to ``<key>.pt.corrupt`` with a warning naming it,
+  and the level is computed again.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from jobs import atomicio
 from jobs.config import SETTINGS, TrialConfig, identity
 
 # Bump when the content of a level state changes, so old entries are not reused.
@@ -97,27 +101,17 @@ class StageCache:
         return self.root / f"{key}.{suffix}"
 
     def has(self, key: str) -> bool:
-        """True when the level state ``key`` is on disk."""
-        return self._path(key).exists()
+        """True when the level state ``key`` is on disk, whole (a truncated one is moved aside)."""
+        # Checked (cheaply) so that a trial does not pick a level it cannot load over one below it that it can.
+        return atomicio.torch_exists(self._path(key))
 
     def load(self, key: str, part: str = "pt") -> dict[str, Any] | None:
-        """The stored state (``part="final.pt"``: the final-level measurements), or None."""
-        import torch
-
-        path = self._path(key, part)
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """The stored state (``part="final.pt"``: the final-level measurements), or None (a corrupt one moved aside)."""
+        return atomicio.torch_load(self._path(key, part))
 
     def save(self, key: str, state: dict[str, Any], part: str = "pt") -> None:
         """Store ``state`` under ``key`` so that readers never see half a file."""
-        import torch
-
-        path = self._path(key, part)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomicio.torch_save(state, self._path(key, part))
 
     @contextlib.contextmanager
     def lock(self, key: str, wait: bool = True) -> Iterator[bool]:

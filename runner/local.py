@@ -9,7 +9,6 @@ every trial has one. Caveat: submitit's LocalExecutor starts every submitted job
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
+from jobs.atomicio import read_json
 from jobs.ledger import Ledger
 from jobs.task import PackJob, TrackingTarget, TrialJob, TrialTask
 from runner import records
@@ -85,10 +85,10 @@ def controller_output(folder: Path) -> Iterator[None]:
 
 def _outcome(job: TrialJob, token: str) -> dict | None:
     try:
-        done = json.loads(job.outcome_file.read_text())
-    except (OSError, ValueError):  # not there yet, or being written
+        done = read_json(job.outcome_file, ("token", "outcome"))  # None: not there yet, or corrupt
+    except OSError:  # unreadable right now (NFS while it is replaced): the next poll reads it
         return None
-    return done["outcome"] if done.get("token") == token else None
+    return done["outcome"] if done is not None and done["token"] == token else None
 
 
 def _ledger_outcome(book: Ledger | None, trial_id: str, since: float) -> dict | None:
@@ -117,8 +117,8 @@ class Workers:
 
     def _said(self) -> dict:
         try:
-            return json.loads(self.payload.ready_file.read_text())
-        except (OSError, ValueError):
+            return read_json(self.payload.ready_file) or {}
+        except OSError:
             return {}
 
     def target(self) -> TrackingTarget | None:

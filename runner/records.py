@@ -1,14 +1,18 @@
 """Which job ran which trial: an append-only JSON-lines file in the sweep's submitit folder.
 
 `sweep run` returns right after a SLURM submission; `sweep status`, `sweep cancel` and later
-runs find the jobs again through this file.
+runs find the jobs again through this file. Each submission's lines go in one appending
+write (``jobs.atomicio``); a torn last line (a crash or a full disk mid-write) is skipped with a
+warning.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from jobs import atomicio
 
 FILENAME = "jobs.jsonl"
 
@@ -28,22 +32,16 @@ class JobRecord:
 
 def append(folder: Path, records: list[JobRecord]) -> None:
     """Add records for newly submitted jobs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / FILENAME, "a") as fh:
-        for record in records:
-            fh.write(json.dumps(asdict(record)) + "\n")
+    atomicio.append_lines(folder / FILENAME, [json.dumps(asdict(record)) for record in records])
 
 
 def latest(folder: Path) -> dict[str, JobRecord]:
-    """The most recent submission of each trial."""
-    path = folder / FILENAME
-    if not path.exists():
-        return {}
+    """The most recent submission of each trial (a torn or invalid line is skipped)."""
+    names = [f.name for f in fields(JobRecord)]
     out: dict[str, JobRecord] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = JobRecord(**json.loads(line))
-            out[record.trial_id] = record
+    for line in atomicio.read_jsonl(folder / FILENAME, required=names):
+        record = JobRecord(**{name: line[name] for name in names})
+        out[record.trial_id] = record
     return out
 
 
