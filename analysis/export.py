@@ -34,7 +34,7 @@ import pandas as pd
 
 from jobs.config import SETTINGS
 from jobs.retrying import RESULTS_ARTIFACT, retry
-from runner.store import find_experiment_id, resolve_uri
+from runner.store import find_experiment_id, require_store, resolve_uri, store_errors
 
 ID_COLUMNS = ["sweep", "trial_id", "run_id", "run_name", "status", "error", "level", "stage"]
 DOWNLOAD_THREADS = 8
@@ -215,15 +215,17 @@ def _dtype_of(value: Any):
 
 def _frame(uri: str, experiment: str, sql: bool = True, local: bool = True) -> pd.DataFrame:
     """``runs_frame`` with its shortcuts switchable: SQL run lookup, in-place artifact reads."""
+    require_store(uri)  # asking MLflow about a missing SQLite store would create an empty one
     path = _sqlite_path(uri) if sql else None
     found = _runs_sql(path, experiment) if path else None
     if found is None:
         from mlflow.tracking import MlflowClient
 
-        exp_id = find_experiment_id(uri, experiment)
+        exp_id = find_experiment_id(uri, experiment)  # StoreError for a store that cannot be read
         if exp_id is None:
             raise LookupError(f"no experiment named '{experiment}' in {uri}")
-        best = _runs_client(MlflowClient(uri), exp_id)
+        with store_errors(uri):
+            best = _runs_client(MlflowClient(uri), exp_id)
     else:
         best = found[1]
     order = sorted(best)
@@ -319,7 +321,8 @@ def load(items: Iterable[str | tuple[str, str]], tracking_uri: str | None = None
 
     A sweep file's store is chosen as ``sweep run`` chooses it (``tracking_uri``, then
     MLFLOW_TRACKING_URI, then its ``tracking``); a bare name is looked up in ``tracking_uri``
-    (or MLFLOW_TRACKING_URI, or ./mlflow.db). Raises LookupError for an unknown experiment.
+    (or MLFLOW_TRACKING_URI, or ./mlflow.db). Raises LookupError for an unknown experiment,
+    StoreError (one line) for a store that is missing or cannot be read.
     """
     frames = []
     for item in items:

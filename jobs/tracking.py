@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from jobs.retrying import RESULTS_ARTIFACT, retry  # noqa: F401  (re-exported)
+from jobs.storeguard import check_uri, check_writable, store_errors, store_lock
 from jobs.task import TrackingTarget
 
 CONFIG_ARTIFACT = "config.json"
@@ -31,29 +32,37 @@ def _artifact_location(uri: str, name: str) -> str | None:
 
 
 def prepare_store(uri: str, sweep: str) -> TrackingTarget:
-    """Create (or migrate) the store and the sweep's experiment, once, before any trial logs.
+    """Create (or migrate) the store and the sweep's experiment, before any trial logs; StoreError if it cannot.
 
-    Parallel processes creating a new SQLite store at once corrupt it for good, so exactly
-    one process may call this for a new store: the submitting one, or in local workers mode
-    the worker that claimed the job (``jobs.packs``).
+    Processes creating a new SQLite store at once corrupt it for good, so creation runs under
+    an exclusive lock on ``<db>.lock`` beside it: any number of processes may call this at
+    once (``sweep run``s sharing a store, local workers), one after another creating or finding.
     """
-    client = MlflowClient(uri)
-    retry(client.search_experiments, max_results=1)
+    check_uri(uri)
+    with store_errors(uri), store_lock(uri):
+        check_writable(uri)
+        client = MlflowClient(uri)
+        retry(client.search_experiments, max_results=1)  # creates and migrates a new store
+        exp_id = _experiment_id(client, uri, sweep)
+    return TrackingTarget(uri=uri, experiment_id=exp_id, sweep=sweep)
+
+
+def _experiment_id(client: MlflowClient, uri: str, sweep: str) -> str:
+    """The sweep's experiment, created (or restored from deleted) if need be."""
     exp = retry(client.get_experiment_by_name, sweep)
-    if exp is None:
-        try:
-            exp_id = retry(client.create_experiment, sweep, artifact_location=_artifact_location(uri, sweep))
-        except Exception:
-            # Another submitter may have created it in between.
-            exp = retry(client.get_experiment_by_name, sweep)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
+    if exp is not None:
         if exp.lifecycle_stage == "deleted":
             retry(client.restore_experiment, exp.experiment_id)
-        exp_id = exp.experiment_id
-    return TrackingTarget(uri=uri, experiment_id=exp_id, sweep=sweep)
+        return exp.experiment_id
+    try:
+        return retry(client.create_experiment, sweep, artifact_location=_artifact_location(uri, sweep))
+    except Exception:
+        # A server store has no lock of ours: another submitter may have created it in between
+        # ("already exists"); then both use that one.
+        exp = retry(client.get_experiment_by_name, sweep)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _number(value: Any) -> bool:

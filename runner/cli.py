@@ -377,8 +377,8 @@ def export(sweeps, output, tracking_uri):
 @spec_errors
 def ui(sweep, port, tracking_uri):
     """Serve the MLflow UI for the store on 127.0.0.1 and print the runs table's URL."""
-    from runner.store import find_experiment_id, resolve_uri
-    from runner.ui import serve
+    from runner.store import find_experiment_id, require_store, resolve_uri
+    from runner.ui import PortInUse, check_port, serve
 
     spec_uri, name = None, None
     if sweep and Path(sweep).is_file():
@@ -387,10 +387,15 @@ def ui(sweep, port, tracking_uri):
     elif sweep:
         name = sweep
     uri = resolve_uri(tracking_uri, spec_uri)
+    require_store(uri)  # the server would create an empty one
     exp_id = find_experiment_id(uri, name) if name else None
     if name and exp_id is None:
         raise click.ClickException(f"no experiment named '{name}' in {uri}")
-    serve(uri, port, exp_id, echo=click.echo)
+    try:
+        check_port(port)  # before starting a server for nothing
+        serve(uri, port, exp_id, echo=click.echo)
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def settings_table() -> str:

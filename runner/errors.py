@@ -7,6 +7,8 @@ import re
 import sys
 from typing import Iterable
 
+from jobs.storeguard import EXIT_STORE, StoreError
+
 EXIT_SPEC = 2
 
 
@@ -41,7 +43,7 @@ def allowed(choices: Iterable[str], got: object) -> str:
 
 
 def spec_errors(fn):
-    """Turn SpecError into one clear line on stderr and exit code 2, without a traceback."""
+    """Turn SpecError (exit code 2) and StoreError (exit code 3) into one clear line on stderr, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -52,5 +54,10 @@ def spec_errors(fn):
 
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_SPEC)
+        except StoreError as exc:
+            import click
+
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(EXIT_STORE)
 
     return wrapper

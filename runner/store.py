@@ -1,14 +1,22 @@
-"""The tracking store seen from the submitting side: which URI, the experiment, finished trials."""
+"""The tracking store seen from the submitting side: which URI, the experiment, finished trials.
+
+Every read here raises ``StoreError`` (one line: the store, the cause, what to do) for a store
+that cannot be used; the CLI prints it and exits 3 (``runner.errors.spec_errors``).
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from jobs.task import TrackingTarget
 from jobs.retrying import retry
+from jobs.storeguard import StoreError  # noqa: F401  (re-exported: what every read here raises)
+from jobs.storeguard import check_uri, has_schema, no_store, sqlite_path, store_errors, store_lock
+from jobs.task import TrackingTarget
 
 DEFAULT_DB = "mlflow.db"
+_opened: set[str] = set()
 
 
 def resolve_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
@@ -22,10 +30,35 @@ def resolve_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
     return uri
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[Any]:
+    """An MlflowClient on an existing store, errors in the block raised as StoreError; None for an empty store.
 
-    return MlflowClient(uri)
+    A SQLite store is first opened under the creation lock, once per process: a store
+    another process is creating is read once complete, and never created here (a file without
+    MLflow's tables, whose creation never finished, reads as empty).
+    """
+    check_uri(uri)
+    with store_errors(uri):
+        first = uri not in _opened and sqlite_path(uri) is not None
+        with store_lock(uri, required=False) if first else contextlib.nullcontext():
+            # Checked before importing MLflow: a file that is no store fails in a second, not four.
+            if first and not has_schema(uri):
+                client = None
+            else:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(uri)
+                if first:
+                    retry(client.search_experiments, max_results=1)  # MLflow opens (and keeps) the store here
+                    _opened.add(uri)
+        yield client
+
+
+def require_store(uri: str) -> None:
+    """Raise StoreError when a SQLite store does not exist (reading it must not create it)."""
+    if not store_exists(uri):
+        raise no_store(uri)
 
 
 def prepare(uri: str, sweep: str) -> TrackingTarget:
@@ -36,37 +69,40 @@ def prepare(uri: str, sweep: str) -> TrackingTarget:
 
 
 def find_experiment_id(uri: str, sweep: str) -> str | None:
-    """The id of the sweep's experiment, or None if it was never run."""
-    exp = retry(_client(uri).get_experiment_by_name, sweep)
+    """The id of the sweep's experiment, or None if it was never run (without creating anything)."""
+    if not store_exists(uri):
+        return None
+    with _reading(uri) as client:
+        exp = None if client is None else retry(client.get_experiment_by_name, sweep)
     return None if exp is None else exp.experiment_id
 
 
 def trial_runs(uri: str, experiment_id: str) -> dict[str, Any]:
     """Per trial id, its most relevant MLflow run: a FINISHED one if any, else the latest."""
-    client = _client(uri)
     best: dict[str, Any] = {}
     token = None
-    while True:
-        page = retry(client.search_runs, [experiment_id], max_results=5000, page_token=token,
-                     order_by=["attributes.start_time ASC"])
-        for run in page:
-            tid = run.data.tags.get("trial_id")
-            if tid and (tid not in best or best[tid].info.status != "FINISHED"):
-                best[tid] = run
-        token = page.token
-        if not token:
-            return best
+    with _reading(uri) as client:
+        while client is not None:
+            page = retry(client.search_runs, [experiment_id], max_results=5000, page_token=token,
+                         order_by=["attributes.start_time ASC"])
+            for run in page:
+                tid = run.data.tags.get("trial_id")
+                if tid and (tid not in best or best[tid].info.status != "FINISHED"):
+                    best[tid] = run
+            token = page.token
+            if not token:
+                break
+    return best
 
 
 def store_exists(uri: str) -> bool:
     """False for a SQLite store whose file does not exist yet (asking would create it)."""
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+    path = sqlite_path(uri)
+    return path is None or path.exists()
 
 
 def finished_trials(uri: str, sweep: str) -> set[str]:
     """Trial ids of the sweep that already finished in the store (without creating anything)."""
-    if not store_exists(uri):
-        return set()
     exp_id = find_experiment_id(uri, sweep)
     if exp_id is None:
         return set()

@@ -5,8 +5,10 @@ browsing needs one worker and no job runner (about 0.5 GB).
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,26 @@ def runs_url(port: int, experiment_id: str | None) -> str:
     return f"{base}#/experiments/{experiment_id}/runs" if experiment_id else base
 
 
+class PortInUse(RuntimeError):
+    """The port asked for is taken by another program (perhaps another MLflow server)."""
+
+
+def check_port(port: int) -> None:
+    """Raise PortInUse if something already listens on 127.0.0.1:``port``."""
+    # Else /health would be answered by that other server and its URL printed as ours.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"port {port} is in use; pass --port") from None
+            raise
+
+
 def start_server(uri: str, port: int, timeout_s: float = 120.0) -> subprocess.Popen:
-    """Start ``mlflow server`` on 127.0.0.1 and return once /health answers."""
+    """Start ``mlflow server`` on 127.0.0.1 and return once it answers /health (PortInUse if the port is taken)."""
+    check_port(port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
@@ -32,7 +52,8 @@ def start_server(uri: str, port: int, timeout_s: float = 120.0) -> subprocess.Po
             raise RuntimeError(f"mlflow server exited with code {proc.returncode} (is port {port} free?)")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
+                # Ours only if it still runs: another server may have taken the port meanwhile.
+                if resp.status == 200 and proc.poll() is None:
                     return proc
         except OSError:
             time.sleep(0.3)
