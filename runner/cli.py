@@ -100,11 +100,10 @@ def plan(file, fmt, overrides, tracking_uri):
 
 
 def sweep_folder(spec) -> Path:
-    """The sweep's submitit folder: logs, pickles, job records and checkpoints."""
-    import re
+    """The sweep's submitit folder: logs, pickles, job records and checkpoints (``runner.spec.sweep_folder``)."""
+    from runner.spec import sweep_folder as folder_of
 
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-") or "sweep"
-    return Path(spec.launcher.get("folder", Path(".submitit") / slug))
+    return folder_of(spec)
 
 
 def _statuses(file, overrides, launcher_overrides, tracking_uri, spec=None):
