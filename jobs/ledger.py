@@ -10,7 +10,7 @@ Layout, under ``<sweep folder>/ledger/<trial id>/``:
   ``open(O_CREAT | O_EXCL)`` of the next generation, which is atomic on local disks and on NFS
   (v3 and later) and Lustre, so two processes racing for a trial cannot both get it. The file's
   modification time is the holder's heartbeat, renewed every ``HEARTBEAT_S``.
-- ``state.json``: the last state (queued, running, finished, failed, interrupted, cancelled),
+- ``state.json``: the last state (queued, running, finished, failed, diverged, interrupted, cancelled),
   attempts, the holder, the last error; written atomically by whoever holds the lease (or by
   ``sweep run``/``cancel`` for queued and cancelled, which hold no lease).
 
@@ -42,7 +42,7 @@ LEASE_TTL_S = float(os.environ.get("LOTTERY_SWEEPS_LEASE_TTL_S", "120"))
 HEARTBEAT_S = max(0.05, min(15.0, LEASE_TTL_S / 8))
 DIRNAME = "ledger"
 SUBMISSION = "_submission"
-TERMINAL = ("finished", "failed", "cancelled")
+TERMINAL = ("finished", "failed", "diverged", "cancelled")
 _LEASE = re.compile(r"^lease\.(\d+)$")
 
 

@@ -154,7 +154,8 @@ def _run_claimed(job: TrialJob, token: str) -> dict[str, Any]:
     try:
         outcome = _run_unclaimed(job)
         kept = job.checkpoint_dir and Checkpoint(job.checkpoint_dir).path.exists()
-        ended = "finished" if outcome["status"] == "FINISHED" else ("interrupted" if kept else "failed")
+        ended = "finished" if outcome["status"] == "FINISHED" else (
+            "diverged" if outcome.get("diverged") else "interrupted" if kept else "failed")
     finally:  # also on Ctrl-C, SIGTERM (submitit raises) and a requeue: the state says interrupted
         try:
             book.update(job.trial_id, state=ended, error=outcome.get("error") or "",

@@ -353,8 +353,6 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
     run = tracking.timed(TrialRun)(job.target, job.trial_id, job.name, job.settings, tags,
                                    resume_run_id=checkpoint.run_id() if checkpoint else None)
-    if checkpoint is not None:
-        checkpoint.save_run_id(run.run_id)
     partial = TrialResult(rows=list(previous["rows"]) if previous else [])
     cfg = from_flat(job.settings)
     stages = _stage_use(job, cfg, {"trial_id": job.trial_id, "run_id": run.run_id, "name": job.name})
@@ -390,6 +388,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             run.logged |= {(m.key, step) for m in fresh}
 
     try:
+        if checkpoint is not None:  # inside: a full disk here fails the run with its cause
+            checkpoint.save_run_id(run.run_id)
         result = execute(cfg, on_row, checkpoint, on_curve=tracking.timed(run.log_curve), stages=stages,
                          on_reuse=on_reuse, io=io, checkpoint_every_s=job.checkpoint_every_s)
     except Exception as exc:
@@ -403,7 +403,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         # trial's state goes too: it is deterministic, so resuming it would diverge again.
         if checkpoint is not None and not isinstance(exc, submitit.core.utils.UncompletedJobError):
             checkpoint.clear()
-        return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED", "error": error}
+        return {"trial_id": job.trial_id, "run_id": run.run_id, "status": "FAILED", "error": error,
+                "diverged": isinstance(exc, Diverged)}
     spent = timings()
     log_timings(spent, levels_of(cfg))
     run.finish(result.rows, job.settings, {"curves.csv": result.curves, **result.tables})

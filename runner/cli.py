@@ -133,7 +133,7 @@ launcher_option = click.option("--launcher", "launcher_overrides", multiple=True
 @click.option("--dry-run", is_flag=True, help="Validate and list what would be submitted; run nothing.")
 @click.option("--wait/--no-wait", default=None,
               help="SLURM: follow the jobs until all ended (default: return after submitting).")
-@click.option("--retry-failed", is_flag=True, help="Submit only trials that failed or were cancelled.")
+@click.option("--retry-failed", is_flag=True, help="Submit only trials that failed, diverged, were interrupted or cancelled.")
 @set_option
 @launcher_option
 @uri_option
@@ -158,7 +158,8 @@ def _run(file, spec, folder, executor, max_parallel, dry_run, wait, retry_failed
     spec, uri, trials, statuses, note = _statuses(file, overrides, launcher_overrides, tracking_uri, spec)
     executor = executor or spec.launcher.get("executor", "local")
     max_parallel = max_parallel or spec.launcher.get("max_parallel", 2)
-    wanted = ("failed", "cancelled", "interrupted") if retry_failed else (
+    # A diverged trial would diverge again (training is deterministic): only --retry-failed reruns it.
+    wanted = ("failed", "diverged", "cancelled", "interrupted") if retry_failed else (
         "not submitted", "failed", "cancelled", "interrupted")
     todo = [st.trial for st in statuses if st.state in wanted]
     n_done = sum(st.state == "finished" for st in statuses)
@@ -184,7 +185,14 @@ def _run(file, spec, folder, executor, max_parallel, dry_run, wait, retry_failed
     workers = uses_workers(executor, spec.launcher)
     stage_plan = plan_for(todo, executor, max_parallel, folder, spec.launcher)
     click.echo(stage_plan.saved(max_parallel if workers else None))
-    # Local workers create the store themselves, the first while the others import (start_workers).
+    # Local workers create the store themselves, the first while the others import (start_workers);
+    # a store they could not write is said here once, before any worker starts.
+    if workers:
+        from jobs.storeguard import check_uri, check_writable, store_errors, store_lock
+
+        check_uri(uri)
+        with store_errors(uri), store_lock(uri):  # the lock file: a directory we can write in
+            check_writable(uri)
     target = TrackingTarget(uri, None, spec.name) if workers else prepare(uri, spec.name)
     ex = EXECUTORS[executor](folder, {"job_name": spec.name, **spec.launcher}, max_parallel)
     packed = packed_jobs(stage_plan, todo, target, executor, folder, max_parallel,

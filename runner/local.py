@@ -96,7 +96,7 @@ def _ledger_outcome(book: Ledger | None, trial_id: str, since: float) -> dict | 
     if book is None:
         return None
     state = book.read(trial_id)
-    if state.state not in ("finished", "failed") or state.updated_at < since:
+    if state.state not in ("finished", "failed", "diverged") or state.updated_at < since:
         return None
     return {"status": "FINISHED" if state.state == "finished" else "FAILED", "error": state.error}
 

@@ -12,7 +12,7 @@ from runner import records, scheduler
 from runner.grid import Trial
 from runner.store import find_experiment_id, store_exists, trial_runs
 
-STATES = ("not submitted", "queued", "running", "finished", "failed", "interrupted", "cancelled")
+STATES = ("not submitted", "queued", "running", "finished", "failed", "diverged", "interrupted", "cancelled")
 ACTIVE = ("queued", "running")
 RESUMES = "a re-run resumes it"
 
@@ -76,6 +76,8 @@ def _from_store(run, record, job: dict | None) -> tuple[str, str]:
         return ("queued" if job_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD") else "running"), ""
     if job_state in scheduler.CANCELLED:
         return "cancelled", error or "cancelled"
+    if run_status == "FAILED" and run.data.tags.get("diverged") == "true":
+        return "diverged", error
     if run_status == "FAILED" or job_state in scheduler.FAILED:
         return "failed", error or f"job ended {job_state}"
     if run_status == "RUNNING":

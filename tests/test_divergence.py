@@ -89,10 +89,15 @@ def test_status_reports_the_divergence(diverging_sweep):
     assert listed.returncode == 0, listed.stderr
     states = {t["name"]: t for t in json.loads(listed.stdout)["trials"]}
     failed = next(t for name, t in states.items() if "lr=1000000.0" in name)
-    assert failed["state"] == "failed" and DIVERGED.fullmatch(failed["error"]), failed
+    assert failed["state"] == "diverged" and DIVERGED.fullmatch(failed["error"]), failed
     table = cli(tmp, "status", path.name)
     assert table.returncode == 0, table.stderr
     assert failed["error"] in table.stdout
+    # Deterministic training would diverge again: a plain re-run leaves it, --retry-failed takes it.
+    again = cli(tmp, "run", path.name, "--executor", "debug", "--dry-run")
+    assert again.returncode == 0 and "would run" not in again.stdout, again.stdout
+    retry = cli(tmp, "run", path.name, "--executor", "debug", "--dry-run", "--retry-failed")
+    assert retry.stdout.count("would run") == 1 and failed["trial_id"] in retry.stdout, retry.stdout
 
 
 def test_completed_levels_keep_their_rows_when_a_later_level_diverges(tmp_path, monkeypatch):

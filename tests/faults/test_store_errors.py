@@ -22,7 +22,7 @@ import pytest
 from jobs import retrying, storeguard
 from jobs.storeguard import StoreError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIX = "choose another store with --tracking-uri"
 
 

@@ -24,7 +24,7 @@ from jobs.config import from_flat
 from jobs.stages import StageCache, level_keys
 from runner import records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def warned(capsys, path) -> str:
