@@ -65,6 +65,22 @@ def _experiment_id(client: MlflowClient, uri: str, sweep: str) -> str:
         return exp.experiment_id
 
 
+def close_abandoned_runs(client: MlflowClient, experiment_id: str, trial_id: str, keep: str) -> int:
+    """Mark FAILED the trial's RUNNING runs other than ``keep``; how many there were.
+
+    Only for a process holding the trial's ledger lease: then no other process runs the trial,
+    so such a run was left by one that died (kill -9, a full disk that refused its last write).
+    """
+    stale = retry(client.search_runs, [experiment_id],
+                  filter_string=f"tags.trial_id = '{trial_id}' and attributes.status = 'RUNNING'")
+    for found in stale:
+        if found.info.run_id != keep:
+            retry(client.set_tag, found.info.run_id, "error", "abandoned: its process ended without an outcome; "
+                                                                "a later attempt ran the trial")
+            retry(client.set_terminated, found.info.run_id, "FAILED")
+    return sum(found.info.run_id != keep for found in stale)
+
+
 def _number(value: Any) -> bool:
     """A value to log as a metric: NaN and inf too (a diverged epoch's loss must show, not vanish)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

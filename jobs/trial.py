@@ -37,7 +37,7 @@ from jobs.pruning import REWINDS, level_amount, parse_rewind, prune_level
 from jobs.quantization import QuantData, layer_weights, quantize
 from jobs.stages import StageCache, level_keys, levels_of
 from jobs.task import StageJob, TrialJob
-from jobs.tracking import TrialRun, retry
+from jobs.tracking import TrialRun, close_abandoned_runs, retry
 from jobs.train import Diverged, lr_at, make_loader, resolve_device, train
 
 EVAL_BATCH = 256
@@ -353,6 +353,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
             tags["slurm_array_task_id"] = os.environ["SLURM_ARRAY_TASK_ID"]
     run = tracking.timed(TrialRun)(job.target, job.trial_id, job.name, job.settings, tags,
                                    resume_run_id=checkpoint.run_id() if checkpoint else None)
+    if job.ledger_dir:  # we hold the trial's lease: any other RUNNING run of it was abandoned
+        tracking.timed(close_abandoned_runs)(run.client, job.target.experiment_id, job.trial_id, run.run_id)
     partial = TrialResult(rows=list(previous["rows"]) if previous else [])
     cfg = from_flat(job.settings)
     stages = _stage_use(job, cfg, {"trial_id": job.trial_id, "run_id": run.run_id, "name": job.name})
