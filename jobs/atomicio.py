@@ -72,8 +72,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: str | os.PathLike, fill: Callable[[int], None]) -> None:
-    """Write ``path`` through ``fill(fd)`` on a temp file beside it, then rename it into place."""
+def _atomic(path: str | os.PathLike, fill: Callable[[int], None], durable: bool = True) -> None:
+    """Write ``path`` through ``fill(fd)`` on a temp file beside it, then rename it into place.
+
+    ``durable=False`` skips the fsyncs: still never half a file, but a crash may lose the write
+    (for bookkeeping that is cheap to lose and written by the thousand, like queued marks).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -81,11 +85,13 @@ def _atomic(path: str | os.PathLike, fill: Callable[[int], None]) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             fill(fd)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         full = _no_space(path, exc)
@@ -101,19 +107,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    _atomic(path, lambda fd: _write_all(fd, data))
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (and durably, unless told not to)."""
+    _atomic(path, lambda fd: _write_all(fd, data), durable)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) atomically and durably."""
-    write_bytes(path, text.encode())
+def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically (and durably, unless told not to)."""
+    write_bytes(path, text.encode(), durable)
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Replace ``path`` with ``value`` as JSON atomically and durably."""
-    write_text(path, json.dumps(value))
+def write_json(path: str | os.PathLike, value: Any, durable: bool = True) -> None:
+    """Replace ``path`` with ``value`` as JSON atomically (and durably, unless told not to)."""
+    write_text(path, json.dumps(value), durable)
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from jobs.atomicio import write_json
+
 LEASE_TTL_S = float(os.environ.get("LOTTERY_SWEEPS_LEASE_TTL_S", "120"))
 HEARTBEAT_S = max(0.05, min(15.0, LEASE_TTL_S / 8))
 DIRNAME = "ledger"
@@ -99,22 +101,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_json(path: Path, payload: dict, durable: bool = True) -> None:
-    """Temp file, fsync, rename: readers never see half a state (``durable=False``: no fsync)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(payload).encode())
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     """The file's JSON object, or None when missing or torn (a crash mid-write of an older tool)."""
     try:
@@ -169,7 +155,7 @@ class Lease:
             self._thread.join(timeout=5)
         if not self.superseded():
             try:
-                _write_json(self.path, {**asdict(self.holder), "released": True})
+                write_json(self.path, {**asdict(self.holder), "released": True})
             except OSError:
                 pass
 
@@ -264,7 +250,7 @@ class Ledger:
         directory = self._dir(trial_id)
         directory.mkdir(parents=True, exist_ok=True)
         state.updated_at = time.time()
-        _write_json(directory / "state.json", asdict(state), durable)
+        write_json(directory / "state.json", asdict(state), durable)
 
     def update(self, trial_id: str, durable: bool = True, **changes) -> TrialState:
         """Change some fields of the trial's state and record it."""

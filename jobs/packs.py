@@ -128,29 +128,42 @@ def _fenced(trial_id: str) -> None:
     os._exit(75)
 
 
+def _outcome_of(job: TrialJob, status: str, error: str | None, run_id: str | None = None) -> dict[str, Any]:
+    return {"trial_id": job.trial_id, "run_id": run_id, "status": status, "error": error}
+
+
+def _claim_trial(book: Ledger, job: TrialJob, token: str) -> Lease | dict[str, Any]:
+    """The trial's lease, with the ledger saying it runs; else the outcome to report instead of running it."""
+    before = book.read(job.trial_id)
+    if before.state == "finished":
+        return _outcome_of(job, "FINISHED", None, before.run_id)
+    try:
+        lease = book.claim(job.trial_id, Holder.me(token=token))
+        if not isinstance(lease, Lease):
+            holder, _ = lease
+            return _outcome_of(job, HELD, f"already held by {holder.describe() if holder else 'another process'}")
+        book.update(job.trial_id, state="running", attempts=before.attempts + 1, holder=lease.holder,
+                    token=token, error="")
+    except OSError as exc:  # a full or read-only disk under the ledger: this trial cannot be claimed
+        return _outcome_of(job, "FAILED", _one_line(exc))
+    return lease
+
+
 def _run_claimed(job: TrialJob, token: str) -> dict[str, Any]:
     """Run the trial under its ledger lease, so no other process runs it at the same time.
 
     A trial the ledger has as finished is not run again; one another live process holds is
-    skipped (``HELD``). The ledger then records how it ended: finished, failed, or interrupted
-    when its checkpoint is kept for a requeue or a re-run to resume.
+    skipped (``HELD``). The ledger then records how it ended: finished, failed, diverged, or
+    interrupted when its checkpoint is kept for a requeue or a re-run to resume.
     """
     if not job.ledger_dir:
         return _run_unclaimed(job)
     book = Ledger(job.ledger_dir)
-    before = book.read(job.trial_id)
-    if before.state == "finished":
-        return {"trial_id": job.trial_id, "run_id": before.run_id, "status": "FINISHED", "error": None}
-    lease = book.claim(job.trial_id, Holder.me(token=token))
+    lease = _claim_trial(book, job, token)
     if not isinstance(lease, Lease):
-        holder, _ = lease
-        who = holder.describe() if holder else "another process"
-        return {"trial_id": job.trial_id, "run_id": None, "status": HELD, "error": f"already held by {who}"}
+        return lease
     lease.keep_alive(on_lost=lambda: _fenced(job.trial_id))
-    book.update(job.trial_id, state="running", attempts=before.attempts + 1, holder=lease.holder,
-                token=token, error="")
-    ended = "interrupted"
-    outcome: dict[str, Any] = {}
+    ended, outcome = "interrupted", {}
     try:
         outcome = _run_unclaimed(job)
         kept = job.checkpoint_dir and Checkpoint(job.checkpoint_dir).path.exists()
@@ -158,8 +171,7 @@ def _run_claimed(job: TrialJob, token: str) -> dict[str, Any]:
             "diverged" if outcome.get("diverged") else "interrupted" if kept else "failed")
     finally:  # also on Ctrl-C, SIGTERM (submitit raises) and a requeue: the state says interrupted
         try:
-            book.update(job.trial_id, state=ended, error=outcome.get("error") or "",
-                        run_id=outcome.get("run_id") or before.run_id)
+            book.update(job.trial_id, state=ended, error=outcome.get("error") or "", run_id=outcome.get("run_id") or "")
         except OSError as exc:  # disk full: the lease's release below still lets a re-run in
             print(f"lottery-sweeps: could not record trial {job.trial_id} as {ended}: {exc}", flush=True)
         lease.release()
