@@ -157,15 +157,17 @@ def test_local_executor_runs_trials_as_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_workers_report_a_store_they_cannot_create(tmp_path):
+def test_local_workers_mode_refuses_a_store_it_cannot_create_before_starting_workers(tmp_path):
     (tmp_path / "not-a-dir").write_text("a file where the store's directory should be")
     path = write_sweep(tmp_path, name="nostore")
     path.write_text(path.read_text().replace(f"sqlite:///{tmp_path}/store/mlflow.db",
                                              f"sqlite:///{tmp_path}/not-a-dir/mlflow.db"))
     result = CliRunner().invoke(main, ["run", str(path), "--executor", "local", "--set", "prune.ratio=[0.8]"])
-    assert result.exit_code == 1, result.output
-    assert "finished 0, skipped 0, failed 2" in result.output
-    assert result.output.count("could not be prepared: ") == 2, result.output
+    # One line with the cause and what to do, exit 3 (a store error), and no worker started.
+    assert result.exit_code == 3, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and f"{tmp_path}/not-a-dir/mlflow.db does not exist and cannot be created" in error[0]
+    assert "finished 0, skipped" not in result.output and not list(tmp_path.rglob("claims/*.creator"))
 
 
 @pytest.mark.slow
