@@ -15,6 +15,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from jobs.naming import folder_name
 from jobs.retrying import RESULTS_ARTIFACT, retry  # noqa: F401  (re-exported)
 from jobs.storeguard import check_uri, check_writable, store_errors, store_lock
 from jobs.task import TrackingTarget
@@ -27,8 +28,8 @@ def _artifact_location(uri: str, name: str) -> str | None:
     """Keep a SQLite store's artifacts beside its database, not in whatever directory we run from."""
     if not uri.startswith("sqlite:///"):
         return None  # a server decides where artifacts go
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
-    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / slug).as_uri()
+    # The sweep folder's naming: two names never share artifacts, and '..' stays inside mlruns.
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / folder_name(name)).as_uri()
 
 
 def prepare_store(uri: str, sweep: str) -> TrackingTarget:
@@ -186,6 +187,8 @@ class TrialRun:
     def finish(self, rows: list[dict], config: dict, tables: dict[str, Any] | None = None) -> None:
         """Store the results table, other tables and the config, then mark the run FINISHED."""
         self._artifacts(rows, config, tables or {}, {})
+        if "error" in retry(self.client.get_run, self.run_id).data.tags:  # a resumed run: its old error no longer holds
+            retry(self.client.delete_tag, self.run_id, "error")
         retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def fail(self, rows: list[dict], config: dict, traceback_text: str, error: str | None = None,

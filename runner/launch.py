@@ -229,6 +229,10 @@ def job_error(exc: Exception) -> str:
         trace = [line.strip() for line in parts[1].splitlines() if line.strip()]
         if trace:
             return trace[-1]
+    # A killed job has no traceback: submitit's first line says so; its stderr tail is noise (warnings).
+    if "has not produced any output" in text:
+        return f"the job's process ended without a result ({text.splitlines()[0].split(' with path')[0]}); " \
+               "a re-run resumes its trial"
     return text.splitlines()[-1]
 
 

@@ -5,12 +5,13 @@ words the error with its own file, line and key.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
 import reprlib
 from typing import Any
+
+from jobs.naming import folder_name  # noqa: F401  (re-exported: runner.spec uses it)
 
 # Sweep files are hand-written and a few KB (the shipped ones are under 2 KB); a 10,000-value
 # axis written out is about 60 KB. PyYAML's pure-Python scanner reads ~100 KB/s on a loaded
@@ -191,20 +192,6 @@ def parameter_problem(key: Any, value: Any) -> str | None:
     if problem and not isinstance(value, str):
         problem = f"is not allowed; {problem}"
     return problem and f"{shown(value)} {problem}"
-
-
-# A name that is already a safe folder name keeps it; anything else gets a hash of the exact
-# name after a '+', a character safe names never contain, so the two kinds cannot collide.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def folder_name(name: str) -> str:
-    """A file-system-safe, collision-free folder name for a sweep name (never '.', '..' or hidden)."""
-    if _SAFE_NAME.fullmatch(name):
-        return name
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "sweep"
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{slug}+{digest}"
 
 
 def grid_size(axes: dict[str, list], include: list[dict[str, list]]) -> int:
