@@ -271,11 +271,3 @@ class Ledger:
         except FileNotFoundError:
             return []
 
-
-def effective_state(state: TrialState, live: bool) -> str:
-    """The state a user should see: a running trial whose holder died is interrupted (a re-run resumes it)."""
-    if state.state in ("running", "claimed") and not live:
-        return "interrupted"
-    if live and state.state not in TERMINAL:
-        return "running"
-    return state.state

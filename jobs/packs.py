@@ -191,6 +191,8 @@ def run_pack(pack: PackJob) -> list[dict[str, Any]]:
     if pack.claim_dir:
         claimed = []
         for group in pack.groups:
+            if pack.stop_file.exists():  # the sweep run was stopped (Ctrl-C, sweep cancel)
+                break
             if _claim(Path(pack.claim_dir) / f"{pack.token}-{pack.trials[group[0]].trial_id}"):
                 claimed += run_pack(PackJob(tuple(pack.trials[i] for i in group), pack.token))
         return claimed

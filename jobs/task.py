@@ -88,6 +88,11 @@ class PackJob:
         """Where a workers-mode pack's store is said to be ready, or why it is not (``prepare_store``)."""
         return Path(self.claim_dir or ".") / f"{self.token}.ready"
 
+    @property
+    def stop_file(self) -> Path:
+        """Present once the workers' ``sweep run`` was stopped: they claim nothing more."""
+        return Path(self.claim_dir or ".") / f"{self.token}.stop"
+
 
 @dataclass(frozen=True)
 class StageJob:

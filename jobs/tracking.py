@@ -5,7 +5,6 @@ Many trials write to one store at once; every write goes through ``jobs.retrying
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from pathlib import Path

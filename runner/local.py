@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from jobs.atomicio import read_json
-from jobs.ledger import Ledger
+from jobs.atomicio import read_json, write_text
+from jobs.ledger import TERMINAL, Ledger
 from jobs.task import PackJob, TrackingTarget, TrialJob, TrialTask
 from runner import records
 from runner.grid import Trial
@@ -96,9 +98,24 @@ def _ledger_outcome(book: Ledger | None, trial_id: str, since: float) -> dict | 
     if book is None:
         return None
     state = book.read(trial_id)
-    if state.state not in ("finished", "failed", "diverged") or state.updated_at < since:
+    if state.state not in TERMINAL or state.updated_at < since:
         return None
     return {"status": "FINISHED" if state.state == "finished" else "FAILED", "error": state.error}
+
+
+def _stop_workers(payload: PackJob, book: Ledger | None) -> None:
+    """Stop the workers: no new claims, and the trials they run interrupted at once (checkpoints kept).
+
+    Cancelling the submitit jobs only signals their controllers, whose worker processes would
+    otherwise go on claiming trials as orphans. SIGINT makes a worker's trial record itself
+    interrupted and release its lease.
+    """
+    write_text(payload.stop_file, str(os.getpid()))
+    for job in payload.trials if book is not None else ():
+        holder, live = book.holder(job.trial_id)
+        if live and holder is not None and holder.token == payload.token and holder.host == socket.gethostname():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder.pid, signal.SIGINT)
 
 
 def _held_elsewhere(book: Ledger | None, pack: Pack, reported: set[str]) -> bool:
@@ -177,6 +194,7 @@ def follow_workers(workers: Workers, progress: Callable[[Trial, str], None] = la
                 break
             time.sleep(0.1 + 1e-4 * (len(pack.trials) - len(reported)))  # many markers to read: read less often
     except KeyboardInterrupt:
+        _stop_workers(payload, book)
         for job in jobs:
             job.cancel(check=False)
         raise

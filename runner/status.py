@@ -34,14 +34,6 @@ class TrialStatus:
     executor: str = ""
 
 
-def _pid_alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id), 0)
-    except (ValueError, ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 def _from_ledger(entry: TrialState, live: bool, job: dict | None, submitting: bool) -> tuple[str, str] | None:
     """The trial's state from its ledger entry (None: the ledger never saw it, as in older sweeps)."""
     job_state = (job or {}).get("state", "")
